@@ -1,0 +1,79 @@
+"""Callbacks: convert and save the quantized model at the end of fit, with a float-vs-quantized report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from lit_qft import quantization as Q
+from lit_qft.export import folder_size_bytes, save_quantized
+from lit_qft.module import perplexity
+
+
+class QuantizedExport(L.Callback):
+    """At the end of ``fit``: evaluate float, convert to the recipe's quantized model, evaluate, save.
+
+    The quantized folder loads back with :func:`lit_qft.export.load_quantized`.
+
+    Args:
+        output_dir: Where the converted model is written (atomically; an older one is replaced).
+        max_val_batches: Validation batches used for the float-vs-quantized report (null: all).
+    """
+
+    def __init__(self, output_dir: str = "outputs/quantized", max_val_batches: int | None = None) -> None:
+        self.output_dir = output_dir
+        self.max_val_batches = max_val_batches
+        self.report: dict[str, float | str] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.interrupted:
+            return
+        recipe = pl_module.recipe
+        val = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
+        report: dict[str, float | str] = {"recipe": type(recipe).__name__}
+        if recipe.qat:
+            report["qat_loss"] = pl_module.evaluate_loss(val, self.max_val_batches)
+            Q.set_fake_quant(pl_module.model, False)
+        report["float_loss"] = pl_module.evaluate_loss(val, self.max_val_batches)
+        report["float_bytes"] = Q.model_size_bytes(pl_module.model)
+        if recipe.quantizes:
+            pl_module.convert()
+            report["quantized_loss"] = pl_module.evaluate_loss(val, self.max_val_batches)
+            report["quantized_bytes"] = Q.model_size_bytes(pl_module.model)
+            report["quantized_modules"] = len(Q.quantized_modules(pl_module.model))
+            self._save(trainer, pl_module, report)
+        report["fit_seconds"] = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        self.report = report
+        for logger in trainer.loggers:
+            logger.log_metrics({f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+        self._print(report)
+
+    @rank_zero_only
+    def _save(self, trainer, pl_module, report) -> None:
+        path = save_quantized(pl_module.model, pl_module.tokenizer, pl_module.recipe, self.output_dir)
+        report["saved_to"] = str(Path(path).resolve())
+        report["disk_bytes"] = folder_size_bytes(path)
+
+    @rank_zero_only
+    def _print(self, r: dict) -> None:
+        mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+        lines = [f"lit-qft summary ({r['recipe']}, fit {r['fit_seconds']:.0f} s)"]
+        lines.append(f"  float model      val loss {r['float_loss']:.4f}  ppl {perplexity(r['float_loss']):.2f}  size {mib(r['float_bytes'])}")
+        if "qat_loss" in r:
+            lines.append(f"  fake-quantized   val loss {r['qat_loss']:.4f}  ppl {perplexity(r['qat_loss']):.2f}")
+        if "quantized_loss" in r:
+            lines.append(
+                f"  quantized model  val loss {r['quantized_loss']:.4f}  ppl {perplexity(r['quantized_loss']):.2f}"
+                f"  size {mib(r['quantized_bytes'])} ({r['quantized_bytes'] / r['float_bytes']:.0%} of float),"
+                f" {r['quantized_modules']} layers quantized"
+            )
+        if "saved_to" in r:
+            lines.append(f"  saved to {r['saved_to']} ({mib(r['disk_bytes'])} on disk)")
+            lines.append("  load it: from lit_qft import load_quantized; model, tok, _ = load_quantized(PATH)")
+        print("\n".join(lines), flush=True)

@@ -1,0 +1,107 @@
+"""Conv1D swap, recipes (prepare / convert), tied-head policy and size accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchao.quantization.qat.linear import FakeQuantizedLinear
+from torchao.utils import TorchAOBaseTensor
+from transformers.pytorch_utils import Conv1D
+
+from lit_qft import quantization as Q
+
+RECIPES = [Q.QAT8da4w(group_size=32), Q.QATInt8WeightOnly(), Q.PTQInt8WeightOnly(), Q.PTQInt8DynamicActivationInt8Weight()]
+PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_conv1d_swap_is_exact_and_complete(tiny_gpt2):
+    ids = torch.randint(0, 512, (2, 24))
+    before = _logits(tiny_gpt2, ids)
+    assert Q.swap_conv1d(tiny_gpt2) == 4 * tiny_gpt2.config.n_layer
+    assert not any(isinstance(m, Conv1D) for m in tiny_gpt2.modules())
+    torch.testing.assert_close(_logits(tiny_gpt2, ids), before, rtol=0, atol=1e-6)
+    assert Q.swap_conv1d(tiny_gpt2) == 0  # idempotent
+
+
+def _block_projections(model):
+    n = model.config.n_layer
+    return sorted(f"transformer.h.{i}.{p}" for i in range(n) for p in PROJECTIONS)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: type(r).__name__)
+def test_every_projection_is_quantized(tiny_gpt2, recipe):
+    ids = torch.randint(0, 512, (2, 24))
+    Q.prepare(tiny_gpt2, recipe)
+    if recipe.qat:
+        assert sorted(Q.fake_quantized_modules(tiny_gpt2)) == _block_projections(tiny_gpt2)
+        fake = _logits(tiny_gpt2, ids)
+    Q.convert(tiny_gpt2, recipe)
+    assert sorted(Q.quantized_modules(tiny_gpt2)) == _block_projections(tiny_gpt2)
+    for name in _block_projections(tiny_gpt2):
+        w = tiny_gpt2.get_submodule(name).weight
+        assert isinstance(w, TorchAOBaseTensor)
+        assert any(getattr(w, a).dtype == torch.int8 for a in w.__tensor_flatten__()[0])
+    assert not any(isinstance(m, FakeQuantizedLinear) for m in tiny_gpt2.modules())
+    out = tiny_gpt2(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    if recipe.qat:  # QAT convert reproduces the fake-quantized numerics in fp32
+        torch.testing.assert_close(out.logits.detach(), fake, rtol=0, atol=1e-4)
+
+
+def test_tied_head_stays_float_and_tied_by_default(tiny_gpt2):
+    Q.prepare(tiny_gpt2, Q.QAT8da4w())
+    Q.convert(tiny_gpt2, Q.QAT8da4w())
+    assert tiny_gpt2.lm_head.weight is tiny_gpt2.transformer.wte.weight
+    assert not isinstance(tiny_gpt2.lm_head.weight, TorchAOBaseTensor)
+
+
+def test_untie_head_policy_quantizes_head_separately(tiny_gpt2):
+    recipe = Q.PTQInt8WeightOnly(embedding_policy="untie_head")
+    Q.prepare(tiny_gpt2, recipe)
+    Q.convert(tiny_gpt2, recipe)
+    assert "lm_head" in Q.quantized_modules(tiny_gpt2)
+    assert not isinstance(tiny_gpt2.transformer.wte.weight, TorchAOBaseTensor)
+    assert tiny_gpt2.config.tie_word_embeddings is False
+
+
+def test_skip_keeps_matching_layers_float(tiny_gpt2):
+    recipe = Q.PTQInt8WeightOnly(skip=[r"h\.0\."])
+    Q.prepare(tiny_gpt2, recipe)
+    Q.convert(tiny_gpt2, recipe)
+    assert sorted(Q.quantized_modules(tiny_gpt2)) == sorted(f"transformer.h.1.{p}" for p in PROJECTIONS)
+
+
+def test_size_counts_tied_storage_once(tiny_gpt2):
+    params = {id(p): p for p in tiny_gpt2.parameters()}.values()  # parameters() already dedupes
+    expected = sum(p.numel() * p.element_size() for p in params) + sum(
+        b.numel() * b.element_size() for b in tiny_gpt2.buffers()
+    )
+    assert Q.model_size_bytes(tiny_gpt2) == expected
+    before = Q.model_size_bytes(tiny_gpt2)
+    Q.prepare(tiny_gpt2, Q.PTQInt8WeightOnly())
+    Q.convert(tiny_gpt2, Q.PTQInt8WeightOnly())
+    block_weights = 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64)  # n_layer * projection weights
+    # int8 weights save 3 of every 4 fp32 bytes; per-channel scales take back a little
+    saved = before - Q.model_size_bytes(tiny_gpt2)
+    assert block_weights * 3 * 0.97 <= saved <= block_weights * 3
+
+
+def test_llama_linear_layers_are_quantized(tiny_llama):
+    recipe = Q.QAT8da4w(group_size=32)
+    Q.prepare(tiny_llama, recipe)
+    Q.convert(tiny_llama, recipe)
+    names = Q.quantized_modules(tiny_llama)
+    assert len(names) == 7 * tiny_llama.config.num_hidden_layers  # q,k,v,o,gate,up,down
+    assert "lm_head" not in names
+
+
+def test_bad_recipe_arguments_name_the_field():
+    with pytest.raises(ValueError, match="group_size"):
+        Q.QAT8da4w(group_size=0)
+    with pytest.raises(ValueError, match="embedding_policy"):
+        Q.PTQInt8WeightOnly(embedding_policy="nope")
