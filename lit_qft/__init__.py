@@ -7,7 +7,7 @@ import logging as _logging
 _logging.getLogger("torchao").setLevel(_logging.ERROR)
 
 from lit_qft.callbacks import QuantizedExport
-from lit_qft.data import LanguageModelingDataModule
+from lit_qft.data import LanguageModelingDataModule, SentimentDataModule, TranslationDataModule
 from lit_qft.export import load_quantized, save_quantized
 from lit_qft.module import LitCausalLM
 from lit_qft.quantization import (
@@ -21,6 +21,8 @@ from lit_qft.quantization import (
 
 __all__ = [
     "LanguageModelingDataModule",
+    "SentimentDataModule",
+    "TranslationDataModule",
     "LitCausalLM",
     "NoQuantization",
     "PTQInt8DynamicActivationInt8Weight",

@@ -1,27 +1,16 @@
-"""Causal language modelling on plain text: tokenize, pack into fixed-length blocks, split."""
+"""Causal language modelling on plain text: pack into fixed-length blocks, or pad documents per batch."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 
-import lightning as L
 import torch
-from datasets import Dataset, load_dataset
-from torch.utils.data import DataLoader
+from datasets import Dataset
 
-from lit_qft.assets import load_tokenizer
+from lit_qft.data.base import Side, TextDataModule, pad, truncate
+from lit_qft.data.sources import resolve_text_source
 
-
-def resolve_text_source(source: str) -> Path:
-    """A built-in corpus name (``web-english``) or a path to a ``.txt`` file (one document per line)."""
-    path = Path(source).expanduser()
-    if path.suffix:
-        if not path.is_file():
-            raise FileNotFoundError(f"--data.source: file {source!r} does not exist")
-        return path
-    from lit_qft.assets.corpora import builtin_corpus
-
-    return builtin_corpus(source)
+__all__ = ["LanguageModelingDataModule", "pack_blocks", "resolve_text_source"]
 
 
 def pack_blocks(input_ids: list[list[int]], block_size: int, eos_token_id: int) -> list[list[int]]:
@@ -38,21 +27,40 @@ def pack_blocks(input_ids: list[list[int]], block_size: int, eos_token_id: int) 
     return [stream[i * block_size : (i + 1) * block_size] for i in range(n)]
 
 
-class LanguageModelingDataModule(L.LightningDataModule):
-    """Plain text for causal LM fine-tuning, packed into fixed-length blocks (no padding waste).
+def _encode_documents(batch, *, tokenizer, column: str, packing: bool, block_size: int, side: Side):
+    ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
+    if not packing:  # one document per row: EOS appended, then cut to the block
+        ids = [truncate(x + [tokenizer.eos_token_id], block_size, side) for x in ids]
+    return {"input_ids": ids}
+
+
+class LanguageModelingDataModule(TextDataModule):
+    """Text for causal LM fine-tuning: packed into fixed-length blocks, or one padded document per row.
 
     Args:
-        source: Built-in corpus (``web-english``: the World English Bible, public domain, fetched
-            from Debian on first use) or a ``.txt`` file with one document per line.
+        source: Built-in corpus (``web-english``: the World English Bible, public domain), a local
+            ``.txt`` (one document per line) / ``.csv`` / ``.jsonl`` / ``.json`` / ``.parquet`` file,
+            or a hub dataset id (``Salesforce/wikitext`` with ``subset: wikitext-2-raw-v1``).
         tokenizer: ``gpt2`` (real GPT-2 BPE, offline), ``smollm2`` (offline), a hub id or a folder.
         block_size: Tokens per training sequence; must not exceed the model's context length.
         batch_size: Sequences per batch, per process.
-        val_fraction: Share of documents held out for validation (split before packing).
-        max_documents: Use only the first N documents (after shuffling); ``null`` uses all.
+        val_fraction: Share of documents held out for validation (split before packing), when
+            ``val_split`` is not given.
+        max_documents: Use only the first N training documents (after shuffling); ``null`` uses all.
         num_workers: DataLoader worker processes.
         num_proc: Processes for tokenization with ``datasets.map``.
         seed: Seed for the document shuffle and split.
+        text_column: Column holding the text (``text`` for ``.txt`` files).
+        packing: ``true``: concatenate documents and cut into full blocks (no padding).
+            ``false``: one document per row, cut to ``block_size``, padded per batch (padding masked in the loss).
+        split: Split to train on (hub datasets and folders).
+        val_split: Split to validate on (e.g. ``validation``); ``null`` splits off ``val_fraction``.
+        subset: Hub dataset configuration (e.g. ``wikitext-2-raw-v1``).
+        padding_side: Where padding goes when ``packing`` is off.
+        truncation_side: Which end of a long document is cut when ``packing`` is off.
     """
+
+    length_flag = "block_size"
 
     def __init__(
         self,
@@ -65,73 +73,50 @@ class LanguageModelingDataModule(L.LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 42,
+        text_column: str = "text",
+        packing: bool = True,
+        split: str = "train",
+        val_split: str | None = None,
+        subset: str | None = None,
+        padding_side: Side = "right",
+        truncation_side: Side = "right",
     ) -> None:
-        super().__init__()
-        if block_size < 2:
-            raise ValueError(f"--data.block_size={block_size} must be at least 2")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"--data.val_fraction={val_fraction} must be between 0 and 1")
+        super().__init__(
+            source=source, tokenizer=tokenizer, batch_size=batch_size, max_length=block_size,
+            val_fraction=val_fraction, val_split=val_split, split=split, subset=subset,
+            max_examples=max_documents, padding_side=padding_side, truncation_side=truncation_side,
+            num_workers=num_workers, num_proc=num_proc, seed=seed,
+        )
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
+        self.text_column, self.packing, self.block_size = text_column, packing, block_size
 
-    def _load_documents(self) -> Dataset:
-        path = resolve_text_source(self.hparams.source)
-        ds = load_dataset("text", data_files=str(path), split="train")
-        ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
-        if len(ds) == 0:
-            raise ValueError(f"--data.source: {path} contains no non-empty lines")
-        ds = ds.shuffle(seed=self.hparams.seed)
-        if self.hparams.max_documents:
-            ds = ds.select(range(min(self.hparams.max_documents, len(ds))))
-        return ds
+    def columns(self) -> dict[str, str]:
+        return {"text_column": self.text_column}
 
-    def _tokenize_and_pack(self, docs: Dataset) -> Dataset:
-        tok, block, eos = self.tokenizer, self.hparams.block_size, self.tokenizer.eos_token_id
-        ids = docs.map(
-            lambda b: {"input_ids": tok(b["text"], add_special_tokens=False)["input_ids"]},
-            batched=True, remove_columns=docs.column_names, num_proc=self.hparams.num_proc,
-            desc="Tokenizing",
-        )
-        packed = ids.map(
-            lambda b: {"input_ids": pack_blocks(b["input_ids"], block, eos)},
-            batched=True, batch_size=1000, desc="Packing",
-        )
-        return packed.with_format("torch")
+    def settings(self) -> dict:
+        return {**super().settings(), "packing": self.packing}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
-        docs = self._load_documents()
-        split = docs.train_test_split(test_size=self.hparams.val_fraction, seed=self.hparams.seed)
-        self.train_dataset = self._tokenize_and_pack(split["train"])
-        self.val_dataset = self._tokenize_and_pack(split["test"])
-        if len(self.train_dataset) == 0 or len(self.val_dataset) == 0:
-            raise ValueError(
-                f"--data.source has too little text for one block of {self.hparams.block_size} tokens "
-                "in both splits; use more documents or a smaller --data.block_size"
-            )
-
-    @staticmethod
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids = torch.stack([r["input_ids"] for r in rows])
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            ds, batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=self.collate,
-            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+    def encoder(self):
+        return functools.partial(
+            _encode_documents, tokenizer=self.tokenizer, column=self.text_column, packing=self.packing,
+            block_size=self.block_size, side=self.truncation_side,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+    def postprocess(self, ds: Dataset) -> Dataset:
+        if not self.packing:
+            return ds
+        block, eos = self.block_size, self.tokenizer.eos_token_id
+        return ds.map(lambda b: {"input_ids": pack_blocks(b["input_ids"], block, eos)},
+                      batched=True, batch_size=1000, desc="Packing", load_from_cache_file=False)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+    @property
+    def task(self):
+        from lit_qft.tasks import LanguageModeling
 
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return LanguageModeling()
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [list(r["input_ids"]) for r in rows]
+        input_ids, mask = pad(seqs, self.tokenizer.pad_token_id, self.padding_side)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
