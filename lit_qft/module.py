@@ -12,8 +12,14 @@ from torchmetrics import MeanMetric
 
 from lit_qft import quantization as Q
 from lit_qft.assets import load_tokenizer
+from lit_qft.lora import LoraSettings, add_lora, merge_and_quantize
+from lit_qft.memory import TrainingMemory
 from lit_qft.models import build_model
-from lit_qft.optim import DecayStrategy, build_schedule, parameter_groups
+from lit_qft.init import InitScheme, apply_init
+from lit_qft.optim import (
+    DecayStrategy, build_schedule, call_scheduler_factory, parameter_groups, total_steps_of,
+)
+from lit_qft.resume import check_checkpoint, model_signature
 from lit_qft.tasks import LanguageModeling, Task, check_compatible
 
 
@@ -37,17 +43,38 @@ class LitCausalLM(L.LightningModule):
         quantization: The recipe: ``NoQuantization``, ``QAT8da4w``, ``QATInt8WeightOnly``,
             ``PTQInt8WeightOnly``, ... (``--model.quantization=QAT8da4w --model.quantization.group_size=64``).
         optimizer: Any ``torch.optim`` optimizer (``--model.optimizer=AdamW --model.optimizer.lr=3e-4``).
-        scheduler: Any torch LR scheduler by class path, stepped every optimizer step. Overrides
-            ``lr_schedule`` when given.
-        lr_schedule: ``transformers.get_scheduler`` name: ``cosine``, ``linear``, ``constant_with_warmup``,
-            ``polynomial``, ``constant``...; stepped every optimizer step.
-        warmup: Linear warmup, in steps (>= 1) or as a fraction of the run (< 1).
-        weight_decay_strategy: ``no_decay_bias_norm_embedding`` (default) or ``decay_all``.
+        scheduler: Any torch LR scheduler by class path (``--model.scheduler=OneCycleLR
+            --model.scheduler.max_lr=1e-3``), stepped every optimizer step; ``OneCycleLR``'s
+            ``total_steps`` is filled from the run. Replaces ``lr_schedule`` and ``warmup`` when given.
+        lr_schedule: Linear warmup then this decay, from ``transformers.get_scheduler``, stepped every
+            optimizer step: ``cosine``, ``linear``, ``polynomial``, ``constant`` (after the warmup),
+            ``cosine_with_restarts``, ``cosine_with_min_lr``, ``inverse_sqrt``, ``warmup_stable_decay``.
+        warmup: Linear warmup, in optimizer steps (>= 1) or as a fraction of the run (< 1).
+        weight_decay_strategy: ``no_decay_bias_norm_embedding`` (default: biases, LayerNorm/RMSNorm
+            weights and embeddings get no weight decay), ``decay_all``, or ``custom`` (see
+            ``no_decay_patterns``). The decayed group takes the optimizer's ``weight_decay``.
+        no_decay_patterns: With ``weight_decay_strategy=custom``: regular expressions on parameter
+            names (``re.search``) that get no weight decay, e.g. ``['bias$', 'ln_', 'wte']``.
+        quantizer_lr: Learning rate of learned quantization ranges (QAT ``range_learning``), which
+            form their own never-decayed group; null uses the optimizer's learning rate.
+        lr_schedule_kwargs: Extra arguments of the schedule, e.g. ``{power: 2.0, lr_end: 1.0e-6}``
+            for ``polynomial`` or ``{num_cycles: 2}`` for ``cosine_with_restarts``.
+        total_steps: Length of the schedule in optimizer steps; null derives it from the Trainer
+            (``max_steps``, or epochs x batches / ``accumulate_grad_batches``).
+        init: ``pretrained`` (default when ``pretrained`` is set), ``scratch`` (the architecture's own
+            random init, even for a pretrained model), or ``reinit_top_k`` (pretrained, but the top
+            ``reinit_top_k`` transformer blocks re-initialized). Applied before quantization.
+        reinit_top_k: Number of top transformer blocks to re-initialize with ``init=reinit_top_k``.
+        classifier_init_std: Re-initialize a sequence-classification head (``score``) from
+            N(0, std), e.g. ``0.001``, so training starts near uniform class probabilities.
         trust_remote_code: Allow code shipped with a hub model to run.
         task: What to train and report (:mod:`lit_qft.tasks`); ``null`` takes the DataModule's
             ``task`` (sentiment, translation...) or plain language modelling.
         compile: ``torch.compile`` the model for training (off by default: on CPU it paid 1.03-1.09x
             after 25-46 s of compiling). Converted models are not compiled here; see ``lit-qft generate``.
+        lora: Train LoRA adapters over the frozen base instead of the whole model
+            (``--model.lora.rank=8``, see :class:`lit_qft.lora.LoraSettings`); the recipe quantizes the
+            base first (PTQ recipes, QLoRA-style) or fake-quantizes it (QAT + LoRA).
     """
 
     def __init__(
@@ -62,12 +89,21 @@ class LitCausalLM(L.LightningModule):
         lr_schedule: str = "cosine",
         warmup: float = 0.05,
         weight_decay_strategy: DecayStrategy = "no_decay_bias_norm_embedding",
+        no_decay_patterns: list[str] | None = None,
+        quantizer_lr: float | None = None,
+        lr_schedule_kwargs: dict[str, Any] | None = None,
+        total_steps: int | None = None,
+        init: InitScheme | None = None,
+        reinit_top_k: int = 0,
+        classifier_init_std: float | None = None,
         trust_remote_code: bool = False,
         task: Task | None = None,
         compile: bool = False,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "quantization", "task"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "quantization", "task", "lora"])
+        self.lora = lora
         self.recipe = quantization
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -107,7 +143,11 @@ class LitCausalLM(L.LightningModule):
                 f"tokenizer {hp.tokenizer!r} has {len(self.tokenizer)} tokens but the model's embedding has "
                 f"{self.model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
             )
+        # Initialization before prepare: QAT ranges (range_learning) start from these weights.
+        apply_init(self.model, hp.get("init"), hp.pretrained, hp.get("reinit_top_k", 0), hp.get("classifier_init_std"))
         Q.prepare(self.model, self.recipe)
+        if self.lora is not None:  # quantized (or fake-quantized) frozen base + trainable adapters
+            self.model = add_lora(self.model, self.recipe, self.lora)
         if self.hparams.get("compile"):
             self.model.compile()  # in place: same module, same state_dict keys
 
@@ -120,9 +160,16 @@ class LitCausalLM(L.LightningModule):
         """Convert the trained model to a real torchao-quantized model in place (once)."""
         if not self.converted:
             self.model._compiled_call_impl = None  # back to eager: the converted layers are new modules
-            Q.convert(self.model, self.recipe)
+            if self.lora is not None:  # merge the adapters, then (re-)quantize
+                self.model = merge_and_quantize(self.model, self.recipe)
+            else:
+                Q.convert(self.model, self.recipe)
             self.converted = True
         return self.model
+
+    def configure_callbacks(self):
+        # trainable parameters at fit start, peak training memory at the end (every recipe, LoRA or not)
+        return [TrainingMemory()]
 
     def _sync_fake_quant(self) -> None:
         """Delayed fake quantization: on from the recipe's start step, derived from ``global_step``.
@@ -146,6 +193,14 @@ class LitCausalLM(L.LightningModule):
         from lit_qft.export import recipe_to_dict
 
         checkpoint["lit_qft_recipe"] = recipe_to_dict(self.recipe)
+        checkpoint["lit_qft_model"] = model_signature(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before any tensor is loaded: a checkpoint of another model/recipe is a one-line error.
+        from lit_qft.export import recipe_to_dict
+
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        check_checkpoint(checkpoint, self.model, recipe_to_dict(self.recipe), path)
 
     # ---------------------------------------------------------------- steps
     def forward(self, **batch: torch.Tensor):
@@ -220,12 +275,14 @@ class LitCausalLM(L.LightningModule):
 
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(parameter_groups(self.model, self.hparams.weight_decay_strategy))
+        hp = self.hparams
+        groups = parameter_groups(self.model, hp.weight_decay_strategy, hp.get("no_decay_patterns"), hp.get("quantizer_lr"))
+        optimizer = self.optimizer_factory(groups)
+        total = lambda: total_steps_of(self.trainer, hp.get("total_steps"))  # noqa: E731 (only when needed)
         if self.scheduler_factory is not None:
-            scheduler = self.scheduler_factory(optimizer)
+            scheduler = call_scheduler_factory(self.scheduler_factory, optimizer, total)
         else:
-            total = int(self.trainer.estimated_stepping_batches)
-            scheduler = build_schedule(optimizer, self.hparams.lr_schedule, self.hparams.warmup, total)
+            scheduler = build_schedule(optimizer, hp.lr_schedule, hp.warmup, total(), hp.get("lr_schedule_kwargs"))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
