@@ -301,3 +301,27 @@ def test_torch_scheduler_stepped_every_step_with_accumulation(tmp_path, text_fil
             logged[int(r["step"])] = float(r["lr-SGD/decay"])
     assert [logged[s] for s in range(6)] == pytest.approx(expected)
     assert cli.trainer.global_step == 6
+
+
+# ------------------------------------------------------------------ torchao low-bit optimizers (compile: slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("cls,max_ratio", [("AdamW8bit", 0.30), ("AdamW4bit", 0.17), ("AdamWFp8", 0.30)])
+def test_low_bit_optimizer_trains_with_schedule_and_saves_state_memory(tmp_path, text_file, cls, max_ratio):
+    cli, rows = _fit(tmp_path, text_file, [
+        f"--model.optimizer=torchao.optim.{cls}", "--model.optimizer.lr=0.003", "--model.warmup=2",
+        "--model.lr_schedule=cosine",
+    ], steps=12)
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    lrs = {int(r["step"]): float(r[f"lr-{cls}/decay"]) for r in rows if r.get(f"lr-{cls}/decay")}
+    assert lrs[1] == pytest.approx(0.0015) and lrs[11] == pytest.approx(expected_lr("cosine", 11, 2, 12, lr=0.003))
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == cls
+    wte = cli.model.model.transformer.wte.weight
+    assert type(optimizer.state[wte]["exp_avg"]).__name__.startswith("OptimState")
+    params = {id(p): p for p in cli.model.model.parameters()}.values()
+    fp32_adamw = 8 * sum(p.numel() for p in params) + 4 * len(params)  # as measured in the AdamW test above
+    low = optimizer_state_bytes(optimizer)
+    print(f"\n{cls}: optimizer state {low / 2**20:.2f} MiB vs AdamW fp32 {fp32_adamw / 2**20:.2f} MiB "
+          f"({low / fp32_adamw:.3f}x)")
+    assert low < max_ratio * fp32_adamw
