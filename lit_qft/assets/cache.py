@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cache_dir(*parts: str) -> Path:
     """Return ``$LIT_QFT_CACHE/<parts>`` (default ``~/.cache/lit-qft``), creating it."""
     root = Path(os.environ.get("LIT_QFT_CACHE", Path.home() / ".cache" / "lit-qft"))
@@ -27,6 +33,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs should get the usual permissions
     try:
         yield tmp
         if final.exists():
@@ -49,6 +56,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, mode) as f:
             yield f
