@@ -8,14 +8,23 @@ _logging.getLogger("torchao").setLevel(_logging.ERROR)
 
 from lit_qft.callbacks import QuantizedExport
 from lit_qft.data import LanguageModelingDataModule, SentimentDataModule, TranslationDataModule
+from lit_qft.convert import convert_checkpoint
 from lit_qft.export import load_quantized, save_quantized
+from lit_qft.lora import LoraSettings, load_adapters
+from lit_qft.generate import generate
 from lit_qft.module import LitCausalLM
 from lit_qft.quantization import (
     NoQuantization,
+    PTQInt4WeightOnly,
     PTQInt8DynamicActivationInt8Weight,
     PTQInt8WeightOnly,
+    PTQIntxWeightOnly,
+    PTQNF4WeightOnly,
     QAT8da4w,
+    QATInt4WeightOnly,
     QATInt8WeightOnly,
+    QATIntxWeightOnly,
+    QATRecipe,
     Recipe,
 )
 
@@ -24,13 +33,23 @@ __all__ = [
     "SentimentDataModule",
     "TranslationDataModule",
     "LitCausalLM",
+    "LoraSettings",
     "NoQuantization",
+    "PTQInt4WeightOnly",
     "PTQInt8DynamicActivationInt8Weight",
     "PTQInt8WeightOnly",
+    "PTQIntxWeightOnly",
+    "PTQNF4WeightOnly",
     "QAT8da4w",
+    "QATInt4WeightOnly",
     "QATInt8WeightOnly",
+    "QATIntxWeightOnly",
+    "QATRecipe",
     "QuantizedExport",
     "Recipe",
+    "convert_checkpoint",
+    "generate",
+    "load_adapters",
     "load_quantized",
     "save_quantized",
 ]
