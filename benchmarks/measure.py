@@ -1,0 +1,261 @@
+"""Measuring helpers shared by the benchmark sections: devices, timers, machine facts, matmul rate, recipes.
+
+Nothing here knows about a particular section; every timing helper synchronizes the device before
+reading the clock, so the same code gives honest numbers on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+# ------------------------------------------------------------------ devices and clocks
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:1`` are taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name}: CUDA is not available on this machine; use --device=cpu or auto")
+    return device
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def timed(fn: Callable[[], Any], device, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def reset_peak(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def allocator_peak(device) -> int | None:
+    """Peak bytes held by the CUDA caching allocator since the last reset (None on CPU)."""
+    return int(torch.cuda.max_memory_allocated()) if torch.device(device).type == "cuda" else None
+
+
+# ------------------------------------------------------------------ machine
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    except OSError:
+        pass
+    return []
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Versions, hardware and thread settings recorded with every result file."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "load_average_start": load_average(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "versions": {d: _version(d) for d in (
+            "torch", "torchao", "transformers", "lightning", "datasets", "peft", "accelerate", "lit-qft",
+        )},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = {"name": props.name, "memory_bytes": props.total_memory, "capability": f"{props.major}.{props.minor}"}
+    return info
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    """Measured dense matmul rate in FLOP/s (median of ``repeats``) — the denominator of MFU.
+
+    On CPU the shape is a GPT-2-small MLP matmul (1024 tokens x 768 -> 3072), the work a training step
+    is made of; on CUDA a large square product that reaches the tensor cores' rate.
+    """
+    m, k, n = (1024, 768, 3072) if device.type == "cpu" else (8192, 8192, 8192)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    times = timed(lambda: a @ b, device, repeats=repeats, warmup=3)
+    return 2 * m * k * n / median(times)
+
+
+# ------------------------------------------------------------------ models
+def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters with tied weights counted once."""
+    seen, out = set(), []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM/nanoGPT style: ``6 N + 12 L d T`` (N: matmul weights, T: sequence length).
+
+    Position embeddings do no matmul and are left out of N; the tied head is counted once (its
+    matmul is the embedding's parameters used once more, which ``6 N`` already covers).
+    """
+    config = model.config
+    n = sum(p.numel() for p in unique_parameters(model))
+    wpe = getattr(getattr(model, "transformer", None), "wpe", None)
+    if wpe is not None:
+        n -= wpe.weight.numel()
+    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
+    width = getattr(config, "n_embd", None) or config.hidden_size
+    return 6 * n + 12 * layers * width * seq_len
+
+
+# ------------------------------------------------------------------ recipes
+def all_recipe_classes() -> list[type]:
+    """Every concrete subclass of :class:`lit_qft.quantization.Recipe` known once lit_qft is imported.
+
+    New recipes slot in without a table here: whatever subclasses ``Recipe`` is benchmarked.
+    """
+    import lit_qft  # noqa: F401  (imports every module that defines recipes)
+    from lit_qft.quantization import Recipe
+
+    found, stack = [], list(Recipe.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        if cls not in found:
+            found.append(cls)
+            stack.extend(cls.__subclasses__())
+    return found
+
+
+def discover_recipes(only: list[str] | None = None) -> tuple[list, dict[str, str]]:
+    """Instantiate every recipe class with its defaults; returns ``(recipes, {name: why skipped})``."""
+    recipes, skipped = [], {}
+    for cls in all_recipe_classes():
+        name = cls.__name__
+        if only and name not in only:
+            continue
+        try:
+            recipe = cls()
+            if recipe.quantizes:
+                recipe.base_config()
+        except Exception as e:  # a recipe that needs arguments, or is abstract
+            skipped[name] = f"{type(e).__name__}: {e}"[:200]
+            continue
+        recipes.append(recipe)
+    if only:
+        unknown = set(only) - {type(r).__name__ for r in recipes} - set(skipped)
+        if unknown:
+            names = ", ".join(c.__name__ for c in all_recipe_classes())
+            raise ValueError(f"--recipes: unknown recipe(s) {sorted(unknown)}; known: {names}")
+    return recipes, skipped
+
+
+def recipe_name(recipe) -> str:
+    return type(recipe).__name__
+
+
+def recipe_class_path(recipe) -> str:
+    return f"{type(recipe).__module__}.{type(recipe).__qualname__}"
+
+
+def recipe_args(recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+# ------------------------------------------------------------------ subprocesses
+def run_child(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a Python child process; return its result line (JSON) plus its peak RSS and wall time.
+
+    Peak RSS comes from ``wait4``'s rusage of that one child, so every child is measured alone:
+    in one long process the allocator keeps freed memory and earlier runs would hide later peaks.
+    """
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        out = proc.stdout.read()
+        # wait4 instead of Popen.wait: it also returns this child's own resource usage (peak RSS)
+        _, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        killer.cancel()
+        proc.stdout.close()
+    if time.perf_counter() - t0 >= timeout:
+        return {"error": f"timed out after {timeout:.0f} s", "log_tail": out[-2000:]}
+    result: dict[str, Any] = {}
+    for line in out.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+    if proc.returncode != 0 or not result:
+        return {"error": f"exit status {proc.returncode}", "log_tail": out[-2000:]}
+    result["wall_seconds"] = time.perf_counter() - t0
+    result["peak_rss_bytes"] = rusage.ru_maxrss * 1024  # Linux reports KiB
+    return result
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print a child's result as one line the parent finds (see :func:`run_child`)."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)

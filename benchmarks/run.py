@@ -1,0 +1,212 @@
+"""One command for the whole benchmark suite: ``python benchmarks/run.py [--quick]``.
+
+Measures every quantization recipe lit-qft defines (any subclass of ``lit_qft.quantization.Recipe``,
+found at run time) for accuracy, training throughput, training memory, inference speed and size,
+plus lit-qft's ``fit`` against the plain Hugging Face Trainer script. Writes
+``benchmarks/results/<timestamp>.json`` (updated after every section, so a stopped run keeps what it
+measured), then a Markdown report and PNG plots next to it (``benchmarks/report.py``).
+
+The device is chosen automatically (CUDA when present), so the same command gives GPU columns
+(allocator peak memory, tokens/s on the GPU) on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # ``python benchmarks/run.py``: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import measure  # noqa: E402
+
+SECTIONS = ("train", "framework", "memory", "inference", "accuracy")
+#: Small enough for a quick run, the shape of the quickstart config.
+TINY_GPT2 = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256}
+
+
+def build_settings(quick: bool, device: torch.device, accuracy_model: str | None) -> dict[str, Any]:
+    """The workloads of each section. Quick: tiny GPT-2, a few steps. Full: GPT-2 small and SmolLM2-135M."""
+    from benchmarks.inference import InferSpec
+    from benchmarks.training import TrainSpec
+
+    gpu = device.type == "cuda"
+    if quick:
+        s = {
+            "train": TrainSpec(config_overrides=TINY_GPT2, max_documents=1500, batch_size=8, warmup_steps=2, steps=3),
+            "train_rounds": 1, "framework_rounds": 1, "memory_spec": None,
+            "inference": InferSpec(config_overrides=TINY_GPT2, prompt_len=32, new_tokens=8, batches=(1, 4),
+                                   compile_batches=(1,), repeats=2),
+            "compile": "float",
+            "accuracy": TrainSpec(config_overrides=TINY_GPT2, max_documents=1500, batch_size=8, steps=15, lr=2e-3,
+                                  warmup_steps=0),
+            "val_batches": 4,
+        }
+    else:
+        s = {
+            # GPT-2 small (124M) built from config: the shapes of the published CPU speed facts
+            "train": TrainSpec(config_overrides=None, max_documents=3000, batch_size=4, warmup_steps=2, steps=5),
+            "train_rounds": 2, "framework_rounds": 2, "memory_spec": None,
+            "inference": InferSpec(config_overrides=None, prompt_len=128, new_tokens=32, batches=(1, 8),
+                                   compile_batches=(1, 8) if gpu else (1,), repeats=3),
+            "compile": "auto",
+            "accuracy": TrainSpec(pretrained="smollm2-135m", tokenizer="smollm2", max_documents=6000, batch_size=4,
+                                  steps=60, lr=5e-5, warmup_steps=0),
+            "val_batches": 24,
+        }
+    if accuracy_model:
+        acc = s["accuracy"]
+        if accuracy_model == "smollm2-135m":
+            s["accuracy"] = dataclasses.replace(acc, pretrained="smollm2-135m", tokenizer="smollm2", config_overrides=None,
+                                                lr=5e-5)
+        elif accuracy_model == "tiny-gpt2":
+            s["accuracy"] = dataclasses.replace(acc, pretrained=None, tokenizer="gpt2", config_overrides=TINY_GPT2, lr=2e-3)
+        else:
+            raise ValueError(f"--accuracy-model={accuracy_model!r}: use smollm2-135m or tiny-gpt2")
+    # memory probes: the training workload, a few steps (low-bit optimizers compile on their first step)
+    s["memory_spec"] = dataclasses.replace(s["train"], warmup_steps=2, steps=2)
+    s["train_precisions"] = ["32-true", "bf16-mixed"]
+    s["accuracy_precision"] = "bf16-mixed"
+    return s
+
+
+def recipe_facts(recipes: list) -> list[dict[str, Any]]:
+    out = []
+    for r in recipes:
+        cfg = r.base_config() if r.quantizes else None
+        wdt = getattr(cfg, "weight_dtype", None)
+        int4 = wdt == torch.int4 or "Int4" in type(cfg).__name__ if cfg is not None else False
+        out.append({"name": measure.recipe_name(r), "class_path": measure.recipe_class_path(r), "qat": r.qat,
+                    "quantizes": r.quantizes, "args": measure.recipe_args(r),
+                    "base_config": type(cfg).__name__ if cfg is not None else None, "int4_weight": bool(int4)})
+    return out
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def save(results: dict, path: Path) -> None:
+    from lit_qft.assets import atomic_file
+
+    with atomic_file(path) as f:
+        json.dump(_jsonable(results), f, indent=1)
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(description="lit-qft benchmark suite (accuracy, throughput, memory, size).")
+    p.add_argument("--quick", action="store_true", help="tiny models, a few steps (minutes); the smoke-test mode")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--recipes", default=None, help="comma-separated recipe class names (default: every Recipe subclass)")
+    p.add_argument("--compile", default=None, choices=["auto", "all", "float", "none"],
+                   help="which inference variants are compiled (default: float in --quick, auto otherwise)")
+    p.add_argument("--accuracy-model", default=None, help="smollm2-135m or tiny-gpt2 (default: by mode)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for throughput ratios")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--out", default=str(measure.REPO / "benchmarks" / "results"), help="folder for results")
+    a = p.parse_args(argv)
+    a.sections = [x.strip() for x in a.sections.split(",") if x.strip()]
+    bad = set(a.sections) - set(SECTIONS)
+    if bad:
+        p.error(f"--sections: unknown {sorted(bad)}; choose from {','.join(SECTIONS)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = parse_args(argv)
+    from lit_qft.runtime import tune_glibc_allocator
+
+    allocator_tuned = tune_glibc_allocator()  # the same process setting `lit-qft` applies for its users
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torchao", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    device = measure.pick_device(a.device)
+    recipes, skipped = measure.discover_recipes(a.recipes.split(",") if a.recipes else None)
+    s = build_settings(a.quick, device, a.accuracy_model)
+    if a.rounds:
+        s["train_rounds"] = s["framework_rounds"] = a.rounds
+    compile_names = a.compile or s["compile"]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(a.out) / f"{stamp}{'-quick' if a.quick else ''}.json"
+    facts = recipe_facts(recipes)
+    results: dict[str, Any] = {
+        "timestamp": stamp,
+        "settings": {"mode": "quick" if a.quick else "full", "command": " ".join(["python benchmarks/run.py", *(argv or sys.argv[1:])]),
+                     "sections": a.sections, "compile": compile_names, **{k: v for k, v in s.items()}},
+        "machine": {**measure.machine_info(device), "allocator_tuned": allocator_tuned},
+        "recipes": facts, "skipped_recipes": skipped,
+        "qat_recipes": [f["name"] for f in facts if f["qat"]],
+        "int4_weight_recipes": [f["name"] for f in facts if f["int4_weight"]],
+        "section_seconds": {}, "errors": {},
+    }
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log(f"lit-qft benchmark ({results['settings']['mode']}) on {device}: recipes "
+        + ", ".join(f["name"] for f in facts) + f"; sections {','.join(a.sections)}; results -> {out}")
+    t_start = time.perf_counter()
+    results["matmul_flops"] = {"fp32": measure.matmul_rate(device, torch.float32),
+                               "bf16": measure.matmul_rate(device, torch.bfloat16)}
+    log("matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in results["matmul_flops"].items()))
+    save(results, out)
+
+    from benchmarks import accuracy, inference, training
+
+    jobs = {
+        "train": lambda: training.recipe_throughput(s["train"], recipes, device, s["train_precisions"],
+                                                    s["train_rounds"], log=log),
+        "framework": lambda: training.framework_comparison(s["train"], device, s["framework_rounds"], log=log),
+        "memory": lambda: training.memory_probes(s["memory_spec"], recipes, device, "32-true", log=log),
+        "inference": lambda: inference.inference_benchmark(s["inference"], recipes, device, compile_names, log=log),
+        "accuracy": lambda: accuracy.accuracy_benchmark(s["accuracy"], recipes, device, s["accuracy_precision"],
+                                                        s["val_batches"], log=log),
+    }
+    for section in SECTIONS:
+        if section not in a.sections:
+            continue
+        log(f"[{section}]")
+        t0 = time.perf_counter()
+        try:
+            results[section] = jobs[section]()
+        except Exception as e:  # keep the other sections' results
+            import traceback
+
+            results["errors"][section] = f"{type(e).__name__}: {e}"
+            log(traceback.format_exc())
+        results["section_seconds"][section] = round(time.perf_counter() - t0, 1)
+        log(f"[{section}] {results['section_seconds'][section]:.0f} s")
+        save(results, out)
+    rates_end = measure.matmul_rate(device, torch.float32)
+    results["matmul_flops_fp32_end"] = rates_end
+    results["machine"]["load_average_end"] = measure.load_average()
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    save(results, out)
+    from benchmarks.report import write_report
+
+    md = write_report(out)
+    log(f"wrote {out} and {md} in {results['total_seconds'] / 60:.1f} min")
+    return out
+
+
+if __name__ == "__main__":
+    main()

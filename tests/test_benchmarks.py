@@ -1,0 +1,144 @@
+"""The benchmark suite: its measuring pieces on tiny models, the report, and a ``--quick`` run end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # ``benchmarks`` is a folder of the repository, not an installed package
+
+from benchmarks import measure, report  # noqa: E402
+
+TINY = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64}
+
+
+def test_discovery_finds_every_recipe_subclass_and_rejects_unknown_names():
+    from lit_qft import quantization as Q
+
+    recipes, skipped = measure.discover_recipes()
+    names = {type(r).__name__ for r in recipes} | set(skipped)
+    defined = {c.__name__ for c in vars(Q).values() if isinstance(c, type) and issubclass(c, Q.Recipe) and c is not Q.Recipe}
+    assert defined <= names
+    assert {"NoQuantization", "QAT8da4w", "PTQInt8WeightOnly"} <= {type(r).__name__ for r in recipes}
+    only, _ = measure.discover_recipes(["QAT8da4w"])
+    assert [type(r).__name__ for r in only] == ["QAT8da4w"]
+    with pytest.raises(ValueError, match="--recipes"):
+        measure.discover_recipes(["NoSuchRecipe"])
+
+
+def test_flops_per_token_counts_tied_head_once_and_skips_position_embeddings(tiny_gpt2):
+    params = sum(p.numel() for p in tiny_gpt2.parameters())  # parameters() already yields the tied weight once
+    wpe = tiny_gpt2.transformer.wpe.weight.numel()
+    assert measure.flops_per_token(tiny_gpt2, 32) == 6 * (params - wpe) + 12 * 2 * 64 * 32
+
+
+def test_greedy_loop_matches_generate_and_quantized_variant_is_smaller(tiny_gpt2):
+    from benchmarks.inference import InferSpec, Variant, build_variant, greedy
+    from lit_qft import PTQInt8WeightOnly
+    from lit_qft import quantization as Q
+
+    prompt = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    _, _, tokens = greedy(tiny_gpt2, prompt, 6, None, "cpu")
+    ref = tiny_gpt2.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)[:, 10:]
+    assert torch.equal(tokens, ref)
+
+    spec = InferSpec(config_overrides=TINY)
+    fp32 = build_variant(spec, Variant(None, "fp32"), 512, torch.device("cpu"))
+    q = build_variant(spec, Variant(PTQInt8WeightOnly(), "fp32"), 512, torch.device("cpu"))
+    assert len(Q.quantized_modules(q)) == 8 and not Q.quantized_modules(fp32)
+    assert Q.model_size_bytes(q) < Q.model_size_bytes(fp32)
+
+
+def test_child_process_result_and_its_own_peak_rss():
+    code = ("import torch; from benchmarks.measure import emit; x = torch.ones(64 * 2**20 // 4); x += 1; "
+            "emit({'sum': float(x.sum())})")
+    res = measure.run_child(["-c", code], timeout=120)
+    assert res["sum"] == 2 * 16 * 2**20
+    assert res["peak_rss_bytes"] > 64 * 2**20
+    failed = measure.run_child(["-c", "raise SystemExit(3)"], timeout=60)
+    assert failed["error"] == "exit status 3"
+
+
+def _synthetic_results() -> dict:
+    mib = 2**20
+    infer = lambda recipe, dtype, mem, dec: {  # noqa: E731
+        "variant": f"{recipe} {dtype}", "recipe": recipe, "dtype": dtype, "memory_bytes": mem, "disk_bytes": mem,
+        "eager_b1": {"prefill_tokens_per_second": 100.0, "decode_tokens_per_second": dec},
+        "compiled_b1": {"prefill_tokens_per_second": 200.0, "decode_tokens_per_second": 2 * dec,
+                        "dynamo": {"unique_graphs": 2}}}
+    return {
+        "timestamp": "T", "settings": {"mode": "quick", "inference": {"batches": [1], "compile_batches": [1]},
+                                       "train": {}},
+        "machine": {"versions": {}}, "matmul_flops": {"fp32": 1e9, "bf16": 2e9},
+        "qat_recipes": ["QAT8da4w"], "int4_weight_recipes": ["QAT8da4w"],
+        "framework": [
+            {"tool": "HF Trainer", "precision": "fp32", "step_seconds": 1.0, "tokens_per_second": 100.0, "flops_per_token": 1e6},
+            {"tool": "lit-qft fit", "precision": "fp32", "step_seconds": 0.8, "tokens_per_second": 130.0, "flops_per_token": 1e6},
+        ],
+        "train": [
+            {"recipe": "NoQuantization", "precision": "32-true", "step_seconds": 1.0, "tokens_per_second": 750.0,
+             "flops_per_token": 1e6, "speed_vs_float": 1.0, "step_time_vs_float": 1.0},
+            {"recipe": "QAT8da4w", "precision": "32-true", "step_seconds": 1.2, "tokens_per_second": 625.0,
+             "flops_per_token": 1e6, "speed_vs_float": 1 / 1.2, "step_time_vs_float": 1.2},
+        ],
+        "inference": [infer("float", "fp32", 100 * mib, 10.0), infer("float", "bf16", 50 * mib, 20.0),
+                      infer("PTQInt8WeightOnly", "bf16", 28 * mib, 35.0)],
+        "accuracy": {"model": "m", "rows": [
+            {"recipe": "float (fine-tuned)", "kind": "float", "ppl": 10.0, "memory_bytes": 100 * mib},
+            {"recipe": "PTQInt8WeightOnly", "kind": "PTQ", "ppl": 10.1, "memory_bytes": 28 * mib},
+            {"recipe": "QAT8da4w", "kind": "QAT", "ppl": 10.5, "ptq_same_target_ppl": 12.0, "recovered": 0.75,
+             "memory_bytes": 40 * mib}]},
+    }
+
+
+def test_report_targets_are_computed_from_the_numbers(tmp_path):
+    res = _synthetic_results()
+    t = {row["target"]: row for row in report.targets(res)}
+    hf = t["default `lit-qft fit` vs HF Trainer script (tokens/s, both at their default fp32)"]
+    assert (hf["measured"], hf["met"]) == ("1.30x", True)
+    mfu = t["float fp32 training step, share of measured fp32 matmul rate (MFU)"]
+    assert (mfu["measured"], mfu["met"]) == ("75 %", True)
+    qat = t["QAT8da4w step time vs float (32-true)"]
+    assert (qat["measured"], qat["met"]) == ("1.20x", False)
+    decode = t["quantized decode, batch 1, compiled: best variant vs fp32"]
+    assert (decode["measured"], decode["met"]) == ("3.50x", True)
+    assert t["quantized decode, batch 1, compiled: best variant vs bf16"]["measured"] == "1.75x"
+    assert t["quantized weights, share of fp32 bytes (smallest variant)"]["measured"] == "28 %"
+    assert t["QAT8da4w: share of PTQ perplexity degradation QAT recovers (m)"]["met"] is True
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(res))
+    md = report.write_report(path).read_text()
+    assert "Quick mode" in md and "| PTQInt8WeightOnly bf16 | 28.0 | 28 % |" in md
+    for png in ("r_accuracy_vs_throughput.png", "r_size_vs_accuracy.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in md
+
+
+@pytest.mark.slow
+def test_quick_mode_end_to_end(tmp_path):
+    """``python benchmarks/run.py --quick``: every section runs, nothing errors, the report and plots are written."""
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*-quick.json")
+    res = json.loads(path.read_text())
+    assert res["errors"] == {}
+    assert {"NoQuantization", "QAT8da4w", "PTQInt8WeightOnly"} <= {r["name"] for r in res["recipes"]}
+    for section in ("train", "framework", "memory", "inference"):
+        assert res[section] and not [r for r in res[section] if "error" in r], section
+    assert not [r for r in res["accuracy"]["rows"] if "error" in r]
+    assert all(r["tokens_per_second"] > 0 for r in res["train"] + res["framework"])
+    assert all(r["peak_rss_bytes"] > 100 * 2**20 for r in res["framework"] + res["memory"])
+    compiled = [r["compiled_b1"] for r in res["inference"] if "compiled_b1" in r]
+    assert compiled and all(c["dynamo"]["unique_graphs"] >= 2 and "error" not in c for c in compiled)
+    md = path.with_suffix(".md").read_text()
+    assert "## Targets" in md and "HF Trainer" in md
+    assert (tmp_path / f"{path.stem}_size_vs_accuracy.png").is_file()
