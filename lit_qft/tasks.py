@@ -189,7 +189,8 @@ class Translation(Task):
         self.max_new_tokens = max_new_tokens
 
     def metrics(self) -> nn.ModuleDict:
-        return nn.ModuleDict({"bleu": SacreBLEUScore(), "chrf": CHRFScore()})
+        # n_word_order=0: chrF as sacrebleu reports it (torchmetrics defaults to chrF++).
+        return nn.ModuleDict({"bleu": SacreBLEUScore(), "chrf": CHRFScore(n_word_order=0)})
 
     @torch.no_grad()
     def generate(self, model, batch, tokenizer) -> list[str]:

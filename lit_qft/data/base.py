@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from lit_qft.assets import atomic_dir, cache_dir, load_tokenizer
 from lit_qft.data.sources import check_columns, check_not_empty, describe, drop_empty, load_source
+from lit_qft.resume import resumable_loader
 
 Side = Literal["left", "right"]
 
@@ -145,6 +146,8 @@ class TextDataModule(L.LightningDataModule):
         ds = load_source(self.source, split=split, subset=self.subset)
         where = describe(self.source, split)
         check_not_empty(ds, where)
+        if any("." in c and c not in ds.column_names for c in self.columns().values()):
+            ds = ds.flatten()  # nested columns ({"translation": {"en", "es"}}) as "translation.en"
         check_columns(ds, self.columns(), where)
         return ds, where
 
@@ -195,6 +198,7 @@ class TextDataModule(L.LightningDataModule):
             parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
             train, val = parts["train"], parts["test"]
         splits = DatasetDict({"train": self._encode(train, "train"), "validation": self._encode(val, "validation")})
+        self._check_sizes(splits)
         with atomic_dir(self.cache_path) as tmp:
             splits.save_to_disk(str(tmp))
         return load_from_disk(str(self.cache_path))  # memory-mapped, like a cache hit
@@ -204,7 +208,9 @@ class TextDataModule(L.LightningDataModule):
             return
         splits = self.prepare_splits()
         self.train_dataset, self.val_dataset = splits["train"], splits["validation"]
-        for name, ds in (("training", self.train_dataset), ("validation", self.val_dataset)):
+
+    def _check_sizes(self, splits: DatasetDict) -> None:
+        for name, ds in (("training", splits["train"]), ("validation", splits["validation"])):
             if len(ds) == 0:
                 raise ValueError(
                     f"--data.source: the {name} split is empty after tokenization; use more data "
@@ -219,7 +225,12 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        # Seeded, stateful and rank-aware: a resumed run continues mid-epoch in the same order,
+        # and N processes see the same global batches as one (lit_qft.resume, docs/reliability.md).
+        return resumable_loader(
+            self.train_dataset, batch_size=self.batch_size, seed=self.seed, collate_fn=self.collate,
+            num_workers=self.num_workers, trainer=self.trainer,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

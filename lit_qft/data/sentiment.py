@@ -62,7 +62,7 @@ class SentimentDataModule(TextDataModule):
         val_split: Split to validate on (``validation`` for SST-2).
         split: Split to train on.
         subset: Hub dataset configuration.
-        max_examples: Use only the first N training examples (after shuffling).
+        max_examples: Use only the first N examples (after shuffling, before splitting off validation).
         padding_side: ``left`` or ``right``; the head finds the last real token either way.
         truncation_side: Which end of a long text is cut.
         num_workers: DataLoader worker processes.

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 #: Local file suffixes and the ``datasets`` builder that reads them.
 FILE_BUILDERS = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -54,7 +55,12 @@ def load_source(source: str, split: str = "train", subset: str | None = None) ->
                 f"--data.source: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_BUILDERS)}"
             )
         # Each local file is one split called "train"; validation is split off by val_fraction.
-        return load_dataset(builder, data_files=str(path), split="train")
+        try:
+            return load_dataset(builder, data_files=str(path), split="train")
+        except DatasetGenerationError as e:  # malformed JSON/CSV/parquet: one line, not a traceback
+            cause = e.__cause__ or e
+            detail = " ".join(str(cause).split())[:200]
+            raise ValueError(f"--data.source: cannot read {path} as {path.suffix} ({detail})") from None
     if path.is_dir():
         return load_dataset(str(path), subset, split=split)
     try:

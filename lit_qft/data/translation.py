@@ -52,7 +52,7 @@ class TranslationDataModule(TextDataModule):
         val_split: Split to validate on.
         split: Split to train on.
         subset: Hub dataset configuration (``en-es`` for ``Helsinki-NLP/opus_books``).
-        max_examples: Use only the first N training examples (after shuffling).
+        max_examples: Use only the first N examples (after shuffling, before splitting off validation).
         truncation_side: Which end of a long source is cut.
         num_workers: DataLoader worker processes.
         num_proc: Processes for tokenization.
