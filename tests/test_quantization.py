@@ -105,3 +105,78 @@ def test_bad_recipe_arguments_name_the_field():
         Q.QAT8da4w(group_size=0)
     with pytest.raises(ValueError, match="embedding_policy"):
         Q.PTQInt8WeightOnly(embedding_policy="nope")
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes: validation, hardware checks, learned ranges
+# --------------------------------------------------------------------------------------------
+def test_new_recipe_arguments_are_validated():
+    with pytest.raises(ValueError, match="bits"):
+        Q.QATIntxWeightOnly(bits=9)
+    with pytest.raises(ValueError, match="bits"):
+        Q.PTQIntxWeightOnly(bits=1)
+    with pytest.raises(ValueError, match="group_size"):
+        Q.QATInt4WeightOnly(group_size=-1)
+    with pytest.raises(ValueError, match="fake_quant_after_steps"):
+        Q.QAT8da4w(fake_quant_after_steps=2.5)
+    with pytest.raises(ValueError, match="int4_format"):
+        Q.PTQInt4WeightOnly(int4_format="nope")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_gpu_only_int4_format_fails_at_prepare_naming_the_hardware(tiny_gpt2):
+    with pytest.raises(ValueError, match="needs a CUDA GPU.*int4_format='intx'"):
+        Q.prepare(tiny_gpt2, Q.PTQInt4WeightOnly(int4_format="tile_packed_to_4d"))
+    assert any(isinstance(m, Conv1D) for m in tiny_gpt2.modules())  # failed before touching the model
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (6, None)])
+def test_nbit_weights_take_only_2_to_the_bits_values(tiny_llama, bits, group_size):
+    recipe = Q.QATIntxWeightOnly(bits=bits, group_size=group_size)
+    Q.prepare(tiny_llama, recipe)
+    Q.convert(tiny_llama, recipe)
+    w = tiny_llama.model.layers[0].mlp.up_proj.weight
+    q = w.qdata
+    assert q.dtype == torch.int8
+    assert -(2 ** (bits - 1)) <= int(q.min()) and int(q.max()) <= 2 ** (bits - 1) - 1
+    groups = 1 if group_size is None else 64 // group_size
+    assert w.scale.numel() == 128 * groups  # one scale per output channel (and group)
+
+
+def test_fake_quant_delay_start_step():
+    assert Q.QAT8da4w(fake_quant_after_steps=0).fake_quant_start_step(100) == 0
+    assert Q.QAT8da4w(fake_quant_after_steps=0.25).fake_quant_start_step(100) == 25
+    assert Q.QAT8da4w(fake_quant_after_steps=7).fake_quant_start_step(100) == 7
+    with pytest.raises(ValueError, match="max_steps"):
+        Q.QAT8da4w(fake_quant_after_steps=0.5).fake_quant_start_step(float("inf"))
+
+
+def test_learned_ranges_are_parameters_used_by_convert(tiny_gpt2):
+    recipe = Q.QATIntxWeightOnly(bits=4, group_size=32, range_learning=True)
+    Q.prepare(tiny_gpt2, recipe)
+    scales = {n: p for n, p in tiny_gpt2.named_parameters() if "weight_fake_quantizer.scale" in n}
+    assert len(scales) == 8
+    ids = torch.randint(0, 512, (2, 16))
+    tiny_gpt2(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scales.values())
+    name = "transformer.h.0.mlp.c_fc.weight_fake_quantizer.scale"
+    with torch.no_grad():
+        scales[name].mul_(1.5)  # as if training had learned wider ranges
+    fake = _logits(tiny_gpt2, ids)
+    learned = scales[name].detach().clone()
+    Q.convert(tiny_gpt2, recipe)
+    torch.testing.assert_close(tiny_gpt2.transformer.h[0].mlp.c_fc.weight.scale.reshape(learned.shape), learned)
+    torch.testing.assert_close(_logits(tiny_gpt2, ids), fake, rtol=0, atol=1e-4)
+
+
+def test_set_fake_quant_switches_linears_and_embeddings(tiny_gpt2):
+    recipe = Q.QATInt8WeightOnly(embedding_policy="quantize_embedding")
+    ids = torch.randint(0, 512, (2, 16))
+    float_logits = _logits(tiny_gpt2, ids)
+    Q.prepare(tiny_gpt2, recipe)
+    assert "transformer.wte" in Q.fake_quantized_modules(tiny_gpt2) and "lm_head" in Q.fake_quantized_modules(tiny_gpt2)
+    assert Q.fake_quant_enabled(tiny_gpt2) is True
+    assert not torch.equal(_logits(tiny_gpt2, ids), float_logits)
+    Q.set_fake_quant(tiny_gpt2, False)
+    assert Q.fake_quant_enabled(tiny_gpt2) is False
+    torch.testing.assert_close(_logits(tiny_gpt2, ids), float_logits, rtol=0, atol=1e-5)
