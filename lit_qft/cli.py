@@ -15,7 +15,7 @@ from lit_qft.callbacks import QuantizedExport
 from lit_qft.checks import argument_error_line
 from lit_qft.module import LitCausalLM
 from lit_qft.quantization import Recipe
-from lit_qft.resume import DEFAULT_EVERY_N_STEPS, resume_callbacks
+from lit_qft.resume import DEFAULT_EVERY_N_STEPS, checkpoint_load_error, resume_callbacks
 from lit_qft.runtime import tune_glibc_allocator
 
 # Errors a user can fix from the command line or YAML; shown as one line instead of a traceback.
@@ -44,6 +44,14 @@ class LitQFTCLI(LightningCLI):
                 fitting=self.subcommand == "fit",
             )
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here (weights_only=True), before any
+        # of our code runs: a corrupted or code-carrying file becomes one line naming --ckpt_path.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as e:
+            raise checkpoint_load_error(self.config[self.config.subcommand].get("ckpt_path"), e) from None
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         # Safe by default: a checkpoint never runs code (torch.load(weights_only=True)) unless

@@ -62,8 +62,14 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu"):
     for name in ("config.json", RECIPE_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a lit-qft quantized model folder: {name} is missing")
-    recipe = recipe_from_dict(json.loads((folder / RECIPE_FILE).read_text()))
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        recipe = recipe_from_dict(json.loads((folder / RECIPE_FILE).read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder / RECIPE_FILE} is corrupted ({type(e).__name__}: {e}); re-export the model") from None
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder / 'config.json'} is corrupted ({' '.join(str(e).split())[:200]}); re-export the model") from None
     model = AutoModelForCausalLM.from_config(config)
     Q.quantize_for_loading(model, recipe)
     try:

@@ -89,17 +89,23 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise FileNotFoundError(f"--ckpt_path {path} does not exist")
         try:
             return pl_load(path, map_location=map_location, weights_only=weights_only)
-        except pickle.UnpicklingError as e:
-            if not weights_only:
-                raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"--ckpt_path {path} was refused: it holds Python objects that could run code when loaded "
-                f"({first}); pass --weights_only=false only for a checkpoint you trust"
-            ) from None
-        except (RuntimeError, EOFError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"--ckpt_path {path} is not a readable checkpoint (truncated or corrupted: {first})") from None
+        except Exception as e:
+            raise checkpoint_load_error(path, e, weights_only) from None
+
+
+def checkpoint_load_error(path: Any, error: Exception, weights_only: bool = True) -> Exception:
+    """A one-line error for a checkpoint that cannot be loaded: code inside, truncated, corrupted."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError) and weights_only:
+        return ValueError(
+            f"--ckpt_path {path} was refused: it holds Python objects that could run code when loaded "
+            f"({first[:200]}); pass --weights_only=false only for a checkpoint you trust"
+        )
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(f"--ckpt_path {path} does not exist")
+    if isinstance(error, (RuntimeError, EOFError, OSError, pickle.UnpicklingError)):
+        return ValueError(f"--ckpt_path {path} is not a readable checkpoint (truncated or corrupted: {first[:200]})")
+    return error
 
 
 def _batch_seed(base: int, epoch: int, batch_idx: int) -> int:
