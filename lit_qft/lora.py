@@ -283,3 +283,33 @@ def summary(r: dict) -> str:
     if "saved_to" in r:
         lines.append(f"    saved to {r['saved_to']} ({mib(r['disk_bytes'])}); lit_qft.load_quantized(PATH)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The comparison the benchmark runs
+# --------------------------------------------------------------------------------------------
+def fine_tuning_variants(rank: int = 8, group_size: int = 32) -> dict[str, dict[str, Any]]:
+    """The four ways of fine-tuning toward a quantized model that benchmarks compare side by side.
+
+    Each value holds ``LitCausalLM`` keyword arguments (``quantization``, ``lora``) and a typical
+    learning rate (``lr``: adapters take a larger one than full fine-tuning)::
+
+        for name, v in fine_tuning_variants().items():
+            module = LitCausalLM(pretrained="smollm2-135m", tokenizer="smollm2",
+                                 quantization=v["quantization"], lora=v["lora"],
+                                 optimizer=lambda p, lr=v["lr"]: torch.optim.AdamW(p, lr=lr))
+
+    ``full-ft`` trains every weight in float and quantizes after (int8 weight-only); ``full-qat``
+    fake-quantizes every weight toward 8da4w while training all of them; ``int8-lora`` /
+    ``nf4-lora`` train adapters over a frozen int8 / NF4 base; ``qat-lora`` trains adapters over a
+    frozen fake-quantized 8da4w base. Peak memory and trainable parameters are in
+    :class:`lit_qft.memory.TrainingMemory`'s ``report``.
+    """
+    lora = LoraSettings(rank=rank, alpha=2.0 * rank, dropout=0.05)
+    return {
+        "full-ft": {"quantization": Q.PTQInt8WeightOnly(), "lora": None, "lr": 2e-5},
+        "full-qat": {"quantization": Q.QAT8da4w(group_size=group_size), "lora": None, "lr": 2e-5},
+        "int8-lora": {"quantization": Q.PTQInt8WeightOnly(), "lora": lora, "lr": 5e-4},
+        "nf4-lora": {"quantization": Q.PTQNF4WeightOnly(), "lora": lora, "lr": 5e-4},
+        "qat-lora": {"quantization": Q.QAT8da4w(group_size=group_size), "lora": lora, "lr": 5e-4},
+    }
