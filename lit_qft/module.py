@@ -14,7 +14,6 @@ from lit_qft import quantization as Q
 from lit_qft.assets import load_tokenizer
 from lit_qft.lora import LoraSettings, add_lora, merge_and_quantize
 from lit_qft.memory import TrainingMemory
-from lit_qft.models import build_model
 from lit_qft.init import InitScheme, apply_init
 from lit_qft.optim import (
     DecayStrategy, build_schedule, call_scheduler_factory, parameter_groups, total_steps_of,
