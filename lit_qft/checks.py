@@ -74,3 +74,18 @@ def argument_error_line(message: str) -> str:
         first = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
         return first + " (see --help)"
     return f"{flag}: {details[-1] if details else 'invalid value'}"
+
+
+def check_strategy(trainer) -> None:
+    """Refuse sharded strategies (FSDP, DeepSpeed, model parallel) with one line naming ``--trainer.strategy``.
+
+    lit-qft converts and saves the whole model in one process at the end of ``fit``, and torchao's
+    QAT layers and quantized tensor subclasses (0.18) are used unsharded; DDP (a full copy per
+    process) is the supported way to run on several processes or nodes.
+    """
+    name = type(trainer.strategy).__name__
+    if any(s in name for s in ("FSDP", "DeepSpeed", "ModelParallel")):
+        raise ValueError(
+            f"--trainer.strategy: {name} (sharded weights) is not supported by lit-qft: the conversion to "
+            "the quantized model needs the full model in one process; use --trainer.strategy=ddp"
+        )

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_qft.callbacks import QuantizedExport
-from lit_qft.checks import argument_error_line
+from lit_qft.checks import argument_error_line, check_strategy
 from lit_qft.module import LitCausalLM
 from lit_qft.quantization import Recipe
 from lit_qft.resume import DEFAULT_EVERY_N_STEPS, checkpoint_load_error, resume_callbacks
@@ -43,7 +43,9 @@ class LitQFTCLI(LightningCLI):
                 config.get("callbacks"), config.get("enable_checkpointing"), config.get("default_root_dir"), every,
                 fitting=self.subcommand == "fit",
             )
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        check_strategy(trainer)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters here (weights_only=True), before any
