@@ -207,7 +207,7 @@ def test_low_bit_optimizer_by_class_path(cls):
     model = build_cli(["--data=lit_qft.data.LanguageModelingDataModule", "--data.source=x.txt",
                        f"--model.optimizer=torchao.optim.{cls}", "--model.optimizer.lr=0.002"], run=False).model
     optimizer = model.optimizer_factory([torch.nn.Parameter(torch.zeros(64, 64))])
-    assert type(optimizer).__name__ == cls and float(optimizer.param_groups[0]["lr"]) == 0.002
+    assert type(optimizer).__name__ == cls and float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.002)
 
 
 # ------------------------------------------------------------------ optimizers train
@@ -225,10 +225,10 @@ def test_optimizer_lowers_the_loss(tiny_gpt2, make):
     model = tiny_gpt2.train()
     Q.prepare(model, Q.NoQuantization())
     optimizer = make(parameter_groups(model))
-    scheduler = build_schedule(optimizer, "cosine", 2, 12)
+    scheduler = build_schedule(optimizer, "cosine", 1, 8)
     batch = _batch()
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
