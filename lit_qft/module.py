@@ -147,6 +147,9 @@ class LitCausalLM(L.LightningModule):
         Q.prepare(self.model, self.recipe)
         if self.lora is not None:  # quantized (or fake-quantized) frozen base + trainable adapters
             self.model = add_lora(self.model, self.recipe, self.lora)
+        # from_pretrained returns eval mode and Lightning keeps module modes as they are: without
+        # this, fine-tuning a pretrained GPT-2 would run with dropout off.
+        self.model.train(self.training)
         if self.hparams.get("compile"):
             self.model.compile()  # in place: same module, same state_dict keys
 
