@@ -44,23 +44,31 @@ class InferSpec:
     compile_batches: tuple[int, ...] = (1,)
     repeats: int = 3
     compile: bool = True
+    compile_float: tuple[str, ...] = ("fp32", "bf16")
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
     seed: int = 0
 
 
 @dataclass
 class Variant:
-    """One model to measure: a recipe (None = float) at an activation/weight dtype, eager and maybe compiled."""
+    """One model to measure: a recipe (None = float) at an activation/weight dtype.
+
+    ``batches``: eager batch sizes measured (None: all of the spec's); ``same_as``: other recipes whose
+    converted model is the same (same torchao target config), reported on this row.
+    """
 
     recipe: Any
     dtype: str = "fp32"
-    compiled: bool = False
+    batches: tuple[int, ...] | None = None
+    same_as: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         if self.recipe is None:
             return f"float {self.dtype}"
         policy = getattr(self.recipe, "embedding_policy", "float")
-        return f"{recipe_name(self.recipe)} {self.dtype}" + ("" if policy == "float" else f" head={policy}")
+        names = " = ".join((recipe_name(self.recipe), *self.same_as))
+        return f"{names} {self.dtype}" + ("" if policy == "float" else f" head={policy}")
 
 
 def embedding_policies() -> tuple[str, ...]:
@@ -70,31 +78,49 @@ def embedding_policies() -> tuple[str, ...]:
     return typing.get_args(getattr(Q, "EmbeddingPolicy", typing.Literal["float"])) or ("float",)
 
 
-def variants(recipes: list, compile_names: str = "auto") -> list[Variant]:
-    """Float fp32/bf16, then every quantizing recipe at fp32 and bf16, plus every other head policy at bf16.
+def variants(recipes: list, all_batches: bool = False, dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[Variant]:
+    """Float at each dtype; each distinct quantized target at each dtype; the other head policies at the last dtype.
 
-    ``compile_names``: ``auto`` compiles float fp32/bf16 and each quantizing recipe at bf16 with the
-    last head policy (the decode-speed configuration); ``all`` compiles everything; ``none`` nothing.
+    Recipes that convert to the same torchao config (a QAT recipe and its PTQ twin) give the same
+    model, so they share one row. Only float and the default-policy rows at the last dtype (bf16,
+    the fast one, when measured) run every batch size unless ``all_batches``; the rest run batch 1,
+    the decode case the targets are about.
     """
-    out = [Variant(None, "fp32"), Variant(None, "bf16")]
-    policies = embedding_policies()
+    out = [Variant(None, d) for d in dtypes]
+    groups: dict[str, list] = {}
     for recipe in recipes:
-        if not recipe.quantizes:
-            continue
-        out += [Variant(recipe, "fp32"), Variant(recipe, "bf16")]
-        for policy in policies:
+        if recipe.quantizes:
+            groups.setdefault(f"{recipe.base_config()!r} {recipe.skip} {recipe.embedding_policy}", []).append(recipe)
+    one = None if all_batches else (1,)
+    main = dtypes[-1]
+    for group in groups.values():
+        group.sort(key=lambda r: r.qat)  # name the row after the PTQ recipe when there is one
+        recipe, same = group[0], tuple(recipe_name(r) for r in group[1:])
+        out += [Variant(recipe, d, None if d == main else one, same) for d in reversed(dtypes)]
+        for policy in embedding_policies():
             if policy != recipe.embedding_policy:
                 try:
-                    out.append(Variant(dataclasses.replace(recipe, embedding_policy=policy), "bf16"))
+                    out.append(Variant(dataclasses.replace(recipe, embedding_policy=policy), main, one, same))
                 except (TypeError, ValueError):
                     continue
-    for v in out:
-        if compile_names == "all":
-            v.compiled = True
-        elif compile_names == "auto":
-            policy = getattr(v.recipe, "embedding_policy", None)
-            v.compiled = v.recipe is None or (v.dtype == "bf16" and policy == policies[-1])
     return out
+
+
+def compile_selection(rows: list[dict], variant_list: list[Variant], how: str, top: int,
+                      float_dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[Variant]:
+    """Which variants to compile: ``float`` (fp32 and bf16 float), ``auto`` (float plus the ``top`` fastest
+    quantized bf16 variants by eager batch-1 decode: compiling takes minutes per model on CPU), ``all``, ``none``."""
+    if how == "none":
+        return []
+    if how == "all":
+        return list(variant_list)
+    chosen = [v for v in variant_list if v.recipe is None and v.dtype in float_dtypes]
+    if how == "auto":
+        speed = {r["variant"]: r.get("eager_b1", {}).get("decode_tokens_per_second", 0) for r in rows if "error" not in r}
+        main = variant_list[-1].dtype if variant_list else "fp32"
+        quantized = [v for v in variant_list if v.recipe is not None and v.dtype == main and v.name in speed]
+        chosen += sorted(quantized, key=lambda v: -speed[v.name])[:top]
+    return chosen
 
 
 def build_variant(spec: InferSpec, variant: Variant, vocab_size: int, device: torch.device) -> nn.Module:
@@ -165,10 +191,10 @@ def _measure(fwd, model, spec: InferSpec, batch: int, device, cache_factory, eag
         cache.reset()
     reset_peak(device)
     runs = []
-    for i in range(spec.repeats + 1):  # the first run warms up (and compiles)
+    for i in range(spec.repeats + 1):  # the first run (2 tokens: prefill + one decode step) warms up and compiles
         if cache is not None:
             cache.reset()
-        runs.append(greedy(fwd, prompt, spec.new_tokens, cache, device))
+        runs.append(greedy(fwd, prompt, spec.new_tokens if i else 2, cache, device))
     prefill = median([r[0] for r in runs[1:]])
     decode = median([r[1] for r in runs[1:]])
     res = {
@@ -182,56 +208,74 @@ def _measure(fwd, model, spec: InferSpec, batch: int, device, cache_factory, eag
     return res
 
 
-def measure_variant(spec: InferSpec, variant: Variant, tokenizer, device: torch.device) -> dict[str, Any]:
-    """Size, eager and (if asked) compiled prefill/decode speed of one variant."""
+def measure_eager(spec: InferSpec, variant: Variant, tokenizer, device: torch.device) -> dict[str, Any]:
+    """Size on disk and in memory, eager prefill/decode speed of one variant."""
     from lit_qft import quantization as Q
-    from transformers import StaticCache
 
     model = build_variant(spec, variant, len(tokenizer), device)
     row: dict[str, Any] = {
         "variant": variant.name, "recipe": recipe_name(variant.recipe) if variant.recipe else "float",
+        "recipes": [recipe_name(variant.recipe), *variant.same_as] if variant.recipe else ["float"],
         "dtype": variant.dtype, "embedding_policy": getattr(variant.recipe, "embedding_policy", None),
         "memory_bytes": Q.model_size_bytes(model), "disk_bytes": disk_bytes(model, tokenizer, variant.recipe),
         "quantized_modules": len(Q.quantized_modules(model)),
     }
-    eager_tokens = {}
-    for batch in spec.batches:
+    for batch in variant.batches or spec.batches:
         res = _measure(model, model, spec, batch, device, lambda b: None)
-        eager_tokens[batch] = res.pop("tokens")
+        row["_tokens_b%d" % batch] = res.pop("tokens")
         row[f"eager_b{batch}"] = res
-    if variant.compiled and spec.compile:
-        torch._dynamo.reset()  # a fresh recompile budget per model: no silent fallback to eager
-        compiled = torch.compile(model, fullgraph=True, dynamic=False)
-        max_len = spec.prompt_len + spec.new_tokens
-        for batch in spec.compile_batches:
-            try:
-                res = _measure(compiled, model, spec, batch, device,
-                               lambda b: StaticCache(config=model.config, max_cache_len=max_len), eager_tokens.get(batch))
-                res.pop("tokens")
-            except Exception as e:  # compile errors are results too (tensor subclasses under dynamo)
-                res = {"batch": batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-            res["dynamo"] = _dynamo_counters()
-            row[f"compiled_b{batch}"] = res
-        torch._dynamo.reset()
     return row
 
 
+def measure_compiled(spec: InferSpec, variant: Variant, row: dict[str, Any], tokenizer, device: torch.device) -> None:
+    """Compiled prefill/decode speed (static cache, fullgraph); adds ``compiled_b<batch>`` entries to ``row``."""
+    from transformers import StaticCache
+
+    model = build_variant(spec, variant, len(tokenizer), device)
+    torch._dynamo.reset()  # a fresh recompile budget per model: no silent fallback to eager
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    max_len = spec.prompt_len + spec.new_tokens
+    for batch in spec.compile_batches:
+        try:
+            res = _measure(compiled, model, spec, batch, device,
+                           lambda b: StaticCache(config=model.config, max_cache_len=max_len), row.get(f"_tokens_b{batch}"))
+            res.pop("tokens")
+        except Exception as e:  # compile errors are results too (tensor subclasses under dynamo)
+            res = {"batch": batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        res["dynamo"] = _dynamo_counters()
+        row[f"compiled_b{batch}"] = res
+    torch._dynamo.reset()
+
+
 def inference_benchmark(spec: InferSpec, recipes: list, device: torch.device, compile_names: str = "auto",
-                        log=print) -> list[dict[str, Any]]:
-    """Measure every variant; a variant that fails is recorded with its error instead of stopping the run."""
+                        compile_top: int = 2, log=print) -> list[dict[str, Any]]:
+    """Measure every variant eagerly, then compile the selected ones; failures are recorded, not raised."""
     from lit_qft.assets import load_tokenizer
 
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
     tokenizer = load_tokenizer(spec.tokenizer)
+    variant_list = variants(recipes, all_batches=device.type == "cuda", dtypes=spec.dtypes)
     rows = []
-    for variant in variants(recipes, compile_names if spec.compile else "none"):
+    for variant in variant_list:
         try:
-            row = measure_variant(spec, variant, tokenizer, device)
+            row = measure_eager(spec, variant, tokenizer, device)
         except Exception as e:
-            row = {"variant": variant.name, "error": f"{type(e).__name__}: {e}"[:300]}
+            row = {"variant": variant.name, "recipe": recipe_name(variant.recipe) if variant.recipe else "float",
+                   "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
         log("  infer " + summarize(row))
+    by_name = {r["variant"]: r for r in rows}
+    for variant in compile_selection(rows, variant_list, compile_names if spec.compile else "none", compile_top,
+                                     spec.compile_float):
+        row = by_name[variant.name]
+        if "error" in row:
+            continue
+        measure_compiled(spec, variant, row, tokenizer, device)
+        log("  infer " + summarize(row))
+    for row in rows:
+        for key in [k for k in row if k.startswith("_tokens")]:
+            del row[key]
     return rows
 
 

@@ -128,17 +128,46 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
-    """Measured dense matmul rate in FLOP/s (median of ``repeats``) — the denominator of MFU.
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 10, budget_s: float = 3.0) -> float:
+    """Measured dense matmul rate in FLOP/s (median of up to ``repeats``): the denominator of MFU.
 
     On CPU the shape is a GPT-2-small MLP matmul (1024 tokens x 768 -> 3072), the work a training step
-    is made of; on CUDA a large square product that reaches the tensor cores' rate.
+    is made of; on CUDA a large square product that reaches the tensor cores' rate. A dtype the
+    hardware emulates (bf16 on a CPU without AVX-512 BF16/AMX takes about a minute per product) is
+    timed fewer times, within ``budget_s``.
     """
     m, k, n = (1024, 768, 3072) if device.type == "cpu" else (8192, 8192, 8192)
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
-    times = timed(lambda: a @ b, device, repeats=repeats, warmup=3)
+    first = timed(lambda: a @ b, device, repeats=1, warmup=0)[0]
+    if first > budget_s:
+        return 2 * m * k * n / first
+    times = timed(lambda: a @ b, device, repeats=max(1, min(repeats, int(budget_s / first))), warmup=2)
     return 2 * m * k * n / median(times)
+
+
+def native_bf16(device: torch.device, rates: dict[str, float]) -> bool:
+    """bf16 is worth measuring: a GPU, or a CPU whose bf16 matmul is at least half its fp32 rate.
+
+    CPUs without AVX-512 BF16 or AMX emulate bf16 matmuls hundreds of times slower than fp32; there
+    every bf16 row would take hours and say nothing a user could want.
+    """
+    return device.type == "cuda" or rates.get("bf16", 0) >= 0.5 * rates.get("fp32", float("inf"))
+
+
+def peak_rss_self() -> int | None:
+    """This process's own peak resident memory (``VmHWM``), which, unlike ``ru_maxrss``, does not
+    inherit the parent's size through fork/exec; ``ru_maxrss`` where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 # ------------------------------------------------------------------ models
@@ -197,7 +226,10 @@ def discover_recipes(only: list[str] | None = None) -> tuple[list, dict[str, str
             recipe = cls()
             if recipe.quantizes:
                 recipe.base_config()
-        except Exception as e:  # a recipe that needs arguments, or is abstract
+                recipe.check_supported() if hasattr(recipe, "check_supported") else None
+        except NotImplementedError:  # an abstract base such as QATRecipe
+            continue
+        except Exception as e:  # a recipe that needs arguments or hardware this machine lacks
             skipped[name] = f"{type(e).__name__}: {e}"[:200]
             continue
         recipes.append(recipe)
@@ -223,10 +255,10 @@ def recipe_args(recipe) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ subprocesses
 def run_child(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a Python child process; return its result line (JSON) plus its peak RSS and wall time.
+    """Run a Python child process; return its result line (JSON, see :func:`emit`) and wall time.
 
-    Peak RSS comes from ``wait4``'s rusage of that one child, so every child is measured alone:
-    in one long process the allocator keeps freed memory and earlier runs would hide later peaks.
+    Memory is measured in children because in one long process the allocator keeps freed memory
+    and earlier runs would hide later peaks; :func:`emit` adds the child's own peak RSS.
     """
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -237,9 +269,7 @@ def run_child(argv: list[str], timeout: float, env: dict[str, str] | None = None
     killer.start()
     try:
         out = proc.stdout.read()
-        # wait4 instead of Popen.wait: it also returns this child's own resource usage (peak RSS)
-        _, status, rusage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
     finally:
         killer.cancel()
         proc.stdout.close()
@@ -252,10 +282,9 @@ def run_child(argv: list[str], timeout: float, env: dict[str, str] | None = None
     if proc.returncode != 0 or not result:
         return {"error": f"exit status {proc.returncode}", "log_tail": out[-2000:]}
     result["wall_seconds"] = time.perf_counter() - t0
-    result["peak_rss_bytes"] = rusage.ru_maxrss * 1024  # Linux reports KiB
     return result
 
 
 def emit(result: dict[str, Any]) -> None:
-    """Print a child's result as one line the parent finds (see :func:`run_child`)."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    """Print a child's result, with its peak RSS so far, as one line the parent finds (see :func:`run_child`)."""
+    print(RESULT_PREFIX + json.dumps({**result, "peak_rss_bytes": peak_rss_self()}), flush=True)

@@ -264,8 +264,9 @@ def plots(res: dict, stem: Path) -> list[str]:
     for r in res.get("inference", []):
         for mode in ("compiled", "eager"):
             if f32 and _decode(r, mode) and _decode(f32, mode):
-                name = r["recipe"] if r["recipe"] != "float" else float_name
-                decode[name] = max(decode.get(name, 0), _decode(r, mode) / _decode(f32, mode))
+                for name in r.get("recipes", [r["recipe"]]):
+                    name = name if name != "float" else float_name
+                    decode[name] = max(decode.get(name, 0), _decode(r, mode) / _decode(f32, mode))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, r in acc.items():
         key = "NoQuantization" if name == float_name else name

@@ -41,26 +41,26 @@ def build_settings(quick: bool, device: torch.device, accuracy_model: str | None
     gpu = device.type == "cuda"
     if quick:
         s = {
-            "train": TrainSpec(config_overrides=TINY_GPT2, max_documents=1500, batch_size=8, warmup_steps=2, steps=3),
+            "train": TrainSpec(config_overrides=TINY_GPT2, max_documents=800, batch_size=8, warmup_steps=1, steps=2),
             "train_rounds": 1, "framework_rounds": 1, "memory_spec": None,
-            "inference": InferSpec(config_overrides=TINY_GPT2, prompt_len=32, new_tokens=8, batches=(1, 4),
-                                   compile_batches=(1,), repeats=2),
-            "compile": "float",
-            "accuracy": TrainSpec(config_overrides=TINY_GPT2, max_documents=1500, batch_size=8, steps=15, lr=2e-3,
+            "inference": InferSpec(config_overrides=TINY_GPT2, prompt_len=16, new_tokens=6, batches=(1, 2),
+                                   compile_batches=(1,), repeats=1, compile_float=("fp32",)),
+            "compile": "auto", "compile_top": 1,
+            "accuracy": TrainSpec(config_overrides=TINY_GPT2, max_documents=800, batch_size=8, steps=8, lr=2e-3,
                                   warmup_steps=0),
-            "val_batches": 4,
+            "val_batches": 2,
         }
     else:
         s = {
             # GPT-2 small (124M) built from config: the shapes of the published CPU speed facts
-            "train": TrainSpec(config_overrides=None, max_documents=3000, batch_size=4, warmup_steps=2, steps=5),
+            "train": TrainSpec(config_overrides=None, max_documents=3000, batch_size=4, warmup_steps=2, steps=4),
             "train_rounds": 2, "framework_rounds": 2, "memory_spec": None,
             "inference": InferSpec(config_overrides=None, prompt_len=128, new_tokens=32, batches=(1, 8),
                                    compile_batches=(1, 8) if gpu else (1,), repeats=3),
-            "compile": "auto",
+            "compile": "auto", "compile_top": 2,
             "accuracy": TrainSpec(pretrained="smollm2-135m", tokenizer="smollm2", max_documents=6000, batch_size=4,
-                                  steps=60, lr=5e-5, warmup_steps=0),
-            "val_batches": 24,
+                                  steps=40, lr=5e-5, warmup_steps=0),
+            "val_batches": 12,
         }
     if accuracy_model:
         acc = s["accuracy"]
@@ -72,8 +72,9 @@ def build_settings(quick: bool, device: torch.device, accuracy_model: str | None
         else:
             raise ValueError(f"--accuracy-model={accuracy_model!r}: use smollm2-135m or tiny-gpt2")
     # memory probes: the training workload, a few steps (low-bit optimizers compile on their first step)
-    s["memory_spec"] = dataclasses.replace(s["train"], warmup_steps=2, steps=2)
+    s["memory_spec"] = dataclasses.replace(s["train"], warmup_steps=1, steps=1)
     s["train_precisions"] = ["32-true", "bf16-mixed"]
+    s["framework_precisions"] = ["fp32", "bf16"]
     s["accuracy_precision"] = "bf16-mixed"
     return s
 
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--recipes", default=None, help="comma-separated recipe class names (default: every Recipe subclass)")
     p.add_argument("--compile", default=None, choices=["auto", "all", "float", "none"],
-                   help="which inference variants are compiled (default: float in --quick, auto otherwise)")
+                   help="which inference variants are compiled: auto (float + the fastest quantized ones), all, float, none")
     p.add_argument("--accuracy-model", default=None, help="smollm2-135m or tiny-gpt2 (default: by mode)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for throughput ratios")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -167,7 +168,17 @@ def main(argv: list[str] | None = None) -> Path:
     t_start = time.perf_counter()
     results["matmul_flops"] = {"fp32": measure.matmul_rate(device, torch.float32),
                                "bf16": measure.matmul_rate(device, torch.bfloat16)}
-    log("matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in results["matmul_flops"].items()))
+    log("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in results["matmul_flops"].items()))
+    results["bf16_measured"] = measure.native_bf16(device, results["matmul_flops"])
+    if not results["bf16_measured"]:
+        results["bf16_skipped_reason"] = (
+            f"this CPU emulates bf16 matmuls ({results['matmul_flops']['bf16'] / 1e9:.2f} GFLOP/s vs fp32 "
+            f"{results['matmul_flops']['fp32'] / 1e9:.1f}; no AVX-512 BF16/AMX): bf16 rows skipped")
+        log(results["bf16_skipped_reason"])
+        s["train_precisions"], s["framework_precisions"], s["accuracy_precision"] = ["32-true"], ["fp32"], "32-true"
+        s["inference"] = dataclasses.replace(s["inference"], dtypes=("fp32",), compile_float=("fp32",))
+        results["settings"].update(train_precisions=s["train_precisions"], accuracy_precision="32-true",
+                                   inference=s["inference"])
     save(results, out)
 
     from benchmarks import accuracy, inference, training
@@ -175,9 +186,11 @@ def main(argv: list[str] | None = None) -> Path:
     jobs = {
         "train": lambda: training.recipe_throughput(s["train"], recipes, device, s["train_precisions"],
                                                     s["train_rounds"], log=log),
-        "framework": lambda: training.framework_comparison(s["train"], device, s["framework_rounds"], log=log),
+        "framework": lambda: training.framework_comparison(s["train"], device, s["framework_rounds"],
+                                                           s["framework_precisions"], log=log),
         "memory": lambda: training.memory_probes(s["memory_spec"], recipes, device, "32-true", log=log),
-        "inference": lambda: inference.inference_benchmark(s["inference"], recipes, device, compile_names, log=log),
+        "inference": lambda: inference.inference_benchmark(s["inference"], recipes, device, compile_names,
+                                                           s["compile_top"], log=log),
         "accuracy": lambda: accuracy.accuracy_benchmark(s["accuracy"], recipes, device, s["accuracy_precision"],
                                                         s["val_batches"], log=log),
     }

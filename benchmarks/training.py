@@ -242,9 +242,10 @@ def hf_fit(spec: TrainSpec, device: torch.device, bf16: bool, timeout: float = 1
     return run_child(args, timeout=timeout)
 
 
-def framework_comparison(spec: TrainSpec, device: torch.device, rounds: int, log=print) -> list[dict[str, Any]]:
-    """lit-qft fit vs the HF Trainer script, fp32 and bf16, each in a fresh process, interleaved by round."""
-    configs = [("HF Trainer", "fp32"), ("lit-qft fit", "fp32"), ("HF Trainer", "bf16"), ("lit-qft fit", "bf16")]
+def framework_comparison(spec: TrainSpec, device: torch.device, rounds: int, precisions=("fp32", "bf16"),
+                         log=print) -> list[dict[str, Any]]:
+    """lit-qft fit vs the HF Trainer script at each precision, each in a fresh process, interleaved by round."""
+    configs = [(tool, p) for p in precisions for tool in ("HF Trainer", "lit-qft fit")]
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
     for rnd in range(rounds):
         for tool, precision in configs:
