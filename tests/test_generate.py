@@ -126,9 +126,10 @@ def test_compiled_model_gives_the_same_logits(tiny_gpt2):
 
 
 @pytest.mark.slow
-def test_bf16_mixed_fit_reports_a_lower_agreement(tmp_path):
-    """Under bf16 autocast fake quantization and the converted kernels differ (TORCHAO_NOTES): measured, not hidden."""
+def test_bf16_mixed_fit_reports_agreement_under_autocast(tmp_path):
+    """The report evaluates under the training precision (bf16 autocast here), where kernels can part ways."""
     report = _fit(tmp_path, Q.QAT8da4w(group_size=32), precision="bf16-mixed")
     assert report["precision"] == "bf16-mixed"
-    assert math.isfinite(report["sqnr_db"]) and 10 < report["sqnr_db"] < 100
-    assert abs(report["loss_diff"]) < 0.1
+    # measured on SmolLM2-135M: fp32 master weights under autocast still agree exactly (docs/quantization.md)
+    assert report["sqnr_db"] > 30
+    assert abs(report["loss_diff"]) < 0.05
