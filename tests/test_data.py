@@ -152,6 +152,7 @@ def test_integer_labels_index_the_declared_set(tmp_path):
     assert set(dm.train_dataset["class_index"]) == {0, 1}
 
 
+@pytest.mark.slow  # reads the whole built-in corpus
 def test_builtin_sentiment_corpus_loads():
     dm = SentimentDataModule(source="rotten-tomatoes", max_examples=64, batch_size=8)
     dm.setup()
@@ -185,6 +186,7 @@ def test_translation_reads_nested_columns(tmp_path):
     assert next(iter(dm.val_dataloader()))["references"][0].startswith("la casa")
 
 
+@pytest.mark.slow  # reads the whole built-in corpus
 def test_builtin_translation_corpus_loads():
     dm = TranslationDataModule(source="bible-en-es", max_examples=32, batch_size=4, max_length=96, max_target_length=48)
     dm.setup()
