@@ -51,12 +51,15 @@ def test_ddp_two_processes_match_one_process(tmp_path, text_file, recipe):
     a = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == STEPS
+    diff = total = 0.0
     for key, value in a["state_dict"].items():
         other = b["state_dict"][key]
         if recipe.startswith("PTQ"):  # float training: equal up to the rounding of the gradient sums
             torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
         else:  # QAT rounds activations per token: rounding noise can move a value across a step
-            assert (other - value).norm() <= 1e-3 * value.norm() + 1e-6, key
+            assert (other - value).abs().max() < 5e-3, key
+            diff, total = diff + float((other - value).norm() ** 2), total + float(value.norm() ** 2)
+    assert diff ** 0.5 <= 1e-3 * total ** 0.5
 
     ma, _, _ = load_quantized(single / "quantized")
     mb, _, _ = load_quantized(ddp / "quantized")
