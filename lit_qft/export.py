@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from lit_qft import quantization as Q
 from lit_qft.assets.cache import atomic_dir
@@ -41,6 +47,8 @@ def save_quantized(
 ) -> Path:
     """Write ``model`` (already converted) to ``folder`` atomically and return the folder."""
     folder = Path(folder)
+    # Record the model class so load_quantized rebuilds a classifier as a classifier.
+    model.config.architectures = [type(model).__name__]
     with atomic_dir(folder) as tmp:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -70,7 +78,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu"):
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder / 'config.json'} is corrupted ({' '.join(str(e).split())[:200]}); re-export the model") from None
-    model = AutoModelForCausalLM.from_config(config)
+    model = _auto_class(config).from_config(config)
     Q.quantize_for_loading(model, recipe)
     try:
         state = torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True)
@@ -86,6 +94,13 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu"):
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, recipe
+
+
+def _auto_class(config):
+    """Sequence classifiers (``...ForSequenceClassification``) load as such; everything else as a causal LM."""
+    if any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
 
 
 def folder_size_bytes(folder: str | Path) -> int:
