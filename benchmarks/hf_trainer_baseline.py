@@ -2,8 +2,8 @@
 
 This is the standard causal-LM recipe (as in transformers' ``run_clm.py``): tokenize a text file with
 ``datasets``, concatenate and cut into ``block_size`` blocks (``group_texts``), labels = inputs,
-``Trainer`` with its defaults (fused AdamW, gradient clipping at 1.0, linear->here cosine schedule,
-``bf16=True`` for mixed precision). Nothing is tuned: no allocator settings, no compile. Two things
+``Trainer`` with its defaults (fused AdamW, gradient clipping at 1.0), the same cosine schedule as lit-qft,
+``bf16=True`` for mixed precision. Nothing is tuned: no allocator settings, no compile. Two things
 differ from a hub run only because this machine is offline: the tokenizer and the text come from
 lit-qft's offline assets (the real GPT-2 BPE, the World English Bible).
 

@@ -262,6 +262,7 @@ def inference_benchmark(spec: InferSpec, recipes: list, device: torch.device, co
             row = measure_eager(spec, variant, tokenizer, device)
         except Exception as e:
             row = {"variant": variant.name, "recipe": recipe_name(variant.recipe) if variant.recipe else "float",
+                   "dtype": variant.dtype, "embedding_policy": getattr(variant.recipe, "embedding_policy", None),
                    "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
         log("  infer " + summarize(row))

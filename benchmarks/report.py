@@ -133,6 +133,10 @@ def markdown(res: dict, plots: list[str]) -> str:
     if s.get("mode") == "quick":
         L += ["> **Quick mode**: tiny models and a few steps to exercise every path; the figures are not the "
               "full benchmark's and say little about real models.", ""]
+    if res.get("notes"):
+        L += [f"> {res['notes']}", ""]
+    if res.get("bf16_skipped_reason"):
+        L += [f"> bf16: {res['bf16_skipped_reason']}.", ""]
     L += [f"- Machine: {m.get('cpu')} ({m.get('logical_cpus')} logical CPUs, torch threads {m.get('torch_threads')}), "
           f"device `{m.get('device')}`" + (f", GPU {m['gpu']['name']}" if m.get("gpu") else ""),
           f"- Load average (1/5/15 min) at start {m.get('load_average_start')}, at end {m.get('load_average_end')}; "
