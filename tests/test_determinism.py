@@ -31,6 +31,7 @@ def losses(tmp_path, text_file, seed: int, name: str) -> list[float]:
     return next(cb for cb in cli.trainer.callbacks if isinstance(cb, RecordLoss)).losses
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(tmp_path, text_file):
     first = losses(tmp_path, text_file, seed=11, name="a")
     second = losses(tmp_path, text_file, seed=11, name="b")
