@@ -233,6 +233,9 @@ def measure_compiled(spec: InferSpec, variant: Variant, row: dict[str, Any], tok
 
     model = build_variant(spec, variant, len(tokenizer), device)
     torch._dynamo.reset()  # a fresh recompile budget per model: no silent fallback to eager
+    from torch._dynamo.utils import counters
+
+    counters.clear()  # graph counts per model, not cumulative
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     max_len = spec.prompt_len + spec.new_tokens
     for batch in spec.compile_batches:
