@@ -9,6 +9,8 @@ also samples RSS with ``psutil`` (the fallback where ``/proc`` is not writable).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 
 import lightning as L
@@ -55,13 +57,28 @@ def _vm_hwm_bytes() -> int | None:
     return None
 
 
+def release_free_memory() -> None:
+    """Give memory that is freed but kept by glibc's allocator back to the OS (``malloc_trim``).
+
+    lit-qft raises glibc's trim threshold for speed (:mod:`lit_qft.runtime`), so e.g. the float
+    weights freed by quantizing a base model would otherwise stay in the RSS and in its peak.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: nothing to do
+
+
 def reset_peak_memory(device: torch.device | None = None) -> bool:
     """Start a new peak-memory window; returns True when the kernel's RSS high-water mark was reset.
 
-    Note: this also resets what ``resource.getrusage(...).ru_maxrss`` reports for this process.
+    Memory freed before the window (but kept by the allocator) is released first, so the window
+    measures what this fit uses. Note: this also resets ``resource.getrusage(...).ru_maxrss``.
     """
     if device is not None and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    release_free_memory()
     try:
         _CLEAR_REFS.write_text("5")  # "5" resets only the peak-RSS counter (see proc(5))
         return True
@@ -93,11 +110,11 @@ class TrainingMemory(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = getattr(pl_module, "model", None) or pl_module
         trainable, total = parameter_counts(model)
+        self._hwm_reset = reset_peak_memory(pl_module.device)
         self.report = {
             "trainable_params": trainable, "total_params": total,
             "weight_bytes": Q.model_size_bytes(model), "start_rss_bytes": rss_bytes(),
         }
-        self._hwm_reset = reset_peak_memory(pl_module.device)
         self._sampled = self.report["start_rss_bytes"]
         self._print_start()
 
