@@ -44,6 +44,8 @@ class QuantizedExport(L.Callback):
         recipe = pl_module.recipe
         val = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
         report: dict[str, float | str] = {"recipe": type(recipe).__name__}
+        # Perplexity means nothing for a classification loss: the summary shows it only where it applies.
+        report["perplexity"] = bool(getattr(getattr(pl_module, "task", None), "perplexity", True))
         # Evaluate under the training precision (bf16-mixed autocasts here too): that is where
         # fake-quantized and converted models disagree most (see docs/quantization.md).
         precision = trainer.strategy.precision_plugin
@@ -73,7 +75,9 @@ class QuantizedExport(L.Callback):
         report["fit_seconds"] = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
         self.report = report
         for logger in trainer.loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+            logger.log_metrics(
+                {f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )
         self._print(report)
 
     @torch.no_grad()
@@ -104,13 +108,17 @@ class QuantizedExport(L.Callback):
     @rank_zero_only
     def _print(self, r: dict) -> None:
         mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+
+        def ppl(loss: float) -> str:
+            return f"  ppl {perplexity(loss):.2f}" if r.get("perplexity", True) else ""
+
         lines = [f"lit-qft summary ({r['recipe']}, fit {r['fit_seconds']:.0f} s)"]
-        lines.append(f"  float model      val loss {r['float_loss']:.4f}  ppl {perplexity(r['float_loss']):.2f}  size {mib(r['float_bytes'])}")
+        lines.append(f"  float model      val loss {r['float_loss']:.4f}{ppl(r['float_loss'])}  size {mib(r['float_bytes'])}")
         if "qat_loss" in r:
-            lines.append(f"  fake-quantized   val loss {r['qat_loss']:.4f}  ppl {perplexity(r['qat_loss']):.2f}")
+            lines.append(f"  fake-quantized   val loss {r['qat_loss']:.4f}{ppl(r['qat_loss'])}")
         if "quantized_loss" in r:
             lines.append(
-                f"  quantized model  val loss {r['quantized_loss']:.4f}  ppl {perplexity(r['quantized_loss']):.2f}"
+                f"  quantized model  val loss {r['quantized_loss']:.4f}{ppl(r['quantized_loss'])}"
                 f"  size {mib(r['quantized_bytes'])} ({r['quantized_bytes'] / r['float_bytes']:.0%} of float),"
                 f" {r['quantized_modules']} layers quantized"
             )
