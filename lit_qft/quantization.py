@@ -220,6 +220,18 @@ class QATInt8WeightOnly(QATRecipe):
         return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
 
 
+def _check_intx_weight_only(bits: int, group_size: int | None) -> None:
+    """Validation shared by the QAT and PTQ n-bit weight-only recipes."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits} is not supported; use 2 to 8")
+    _check_group_size(group_size)
+
+
+def _intx_weight_only_config(bits: int, group_size: int | None):
+    """The torchao target of both n-bit weight-only recipes (QAT converts to exactly what PTQ applies)."""
+    return IntxWeightOnlyConfig(weight_dtype=_int_dtype(bits), granularity=_granularity(group_size))
+
+
 @dataclass
 class QATIntxWeightOnly(QATRecipe):
     """QAT toward n-bit (2..8) symmetric weight-only quantization, per channel or per group.
@@ -234,12 +246,10 @@ class QATIntxWeightOnly(QATRecipe):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits={self.bits} is not supported; use 2 to 8")
-        _check_group_size(self.group_size)
+        _check_intx_weight_only(self.bits, self.group_size)
 
     def base_config(self):
-        return IntxWeightOnlyConfig(weight_dtype=_int_dtype(self.bits), granularity=_granularity(self.group_size))
+        return _intx_weight_only_config(self.bits, self.group_size)
 
 
 @dataclass
@@ -305,12 +315,10 @@ class PTQIntxWeightOnly(Recipe):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits={self.bits} is not supported; use 2 to 8")
-        _check_group_size(self.group_size)
+        _check_intx_weight_only(self.bits, self.group_size)
 
     def base_config(self):
-        return IntxWeightOnlyConfig(weight_dtype=_int_dtype(self.bits), granularity=_granularity(self.group_size))
+        return _intx_weight_only_config(self.bits, self.group_size)
 
 
 #: The embedding table (and a tied head sharing it) is quantized int8 with one scale per row,
