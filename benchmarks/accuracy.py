@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from benchmarks.inference import disk_bytes
-from benchmarks.measure import recipe_name
+from benchmarks.measure import recipe_name, release
 from benchmarks.training import TrainSpec, _datamodule, lit_fit, trains_like_float
 
 
@@ -102,4 +102,5 @@ def accuracy_benchmark(spec: TrainSpec, recipes: list, device: torch.device, pre
         except Exception as e:  # one recipe failing must not sink the suite
             out["rows"].append({"recipe": name, "error": f"{type(e).__name__}: {e}"[:300]})
             log(f"  accuracy {name}: {type(e).__name__}: {e}")
+        release(device)
     return out

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from benchmarks import measure  # noqa: E402
 
-SECTIONS = ("train", "framework", "memory", "inference", "accuracy")
+SECTIONS = ("train", "framework", "memory", "inference", "accuracy", "finetune", "tasks")
 #: Small enough for a quick run, the shape of the quickstart config.
 TINY_GPT2 = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256}
 
@@ -36,6 +36,7 @@ TINY_GPT2 = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256}
 def build_settings(quick: bool, device: torch.device, accuracy_model: str | None) -> dict[str, Any]:
     """The workloads of each section. Quick: tiny GPT-2, a few steps. Full: GPT-2 small and SmolLM2-135M."""
     from benchmarks.inference import InferSpec
+    from benchmarks.tasks import TaskSpec
     from benchmarks.training import TrainSpec
 
     gpu = device.type == "cuda"
@@ -49,6 +50,17 @@ def build_settings(quick: bool, device: torch.device, accuracy_model: str | None
             "accuracy": TrainSpec(config_overrides=TINY_GPT2, max_documents=800, batch_size=8, steps=8, lr=2e-3,
                                   warmup_steps=0),
             "val_batches": 2,
+            # full fine-tuning vs LoRA over quantized bases (lit_qft.lora.fine_tuning_variants)
+            "finetune": TrainSpec(config_overrides=TINY_GPT2, max_documents=800, batch_size=8, warmup_steps=1, steps=3),
+            "finetune_val_batches": 2,
+            "tasks": [
+                TaskSpec("sentiment", {"source": "rotten-tomatoes", "tokenizer": "gpt2", "style": "head", "max_length": 64,
+                                       "batch_size": 8, "max_examples": 400}, config_overrides=TINY_GPT2, steps=4,
+                         lr=2e-3, val_batches=2),
+                TaskSpec("translation", {"source": "bible-en-es", "tokenizer": "gpt2", "max_length": 96,
+                                         "max_target_length": 48, "max_new_tokens": 8, "batch_size": 8,
+                                         "max_examples": 400}, config_overrides=TINY_GPT2, steps=4, lr=2e-3, val_batches=1),
+            ],
         }
     else:
         s = {
@@ -61,6 +73,20 @@ def build_settings(quick: bool, device: torch.device, accuracy_model: str | None
             "accuracy": TrainSpec(pretrained="smollm2-135m", tokenizer="smollm2", max_documents=6000, batch_size=4,
                                   steps=40, lr=5e-5, warmup_steps=0),
             "val_batches": 12,
+            # SmolLM2-135M: 40 steps per variant, each in its own process (its peak RSS is the variant's)
+            "finetune": TrainSpec(pretrained="smollm2-135m", tokenizer="smollm2", max_documents=6000, batch_size=4,
+                                  warmup_steps=2, steps=38),
+            "finetune_val_batches": 12,
+            "tasks": [
+                # label-word prompts ("Review: ...\nSentiment: positive"): the pretrained model scores from step 0
+                TaskSpec("sentiment", {"source": "rotten-tomatoes", "tokenizer": "smollm2", "style": "prompt",
+                                       "max_length": 64, "batch_size": 8, "max_examples": 2000},
+                         pretrained="smollm2-135m", steps=30, lr=2e-5, val_batches=16),
+                TaskSpec("translation", {"source": "bible-en-es", "tokenizer": "smollm2", "max_length": 96,
+                                         "max_target_length": 48, "max_new_tokens": 40, "batch_size": 8,
+                                         "max_examples": 3000, "val_fraction": 0.02},
+                         pretrained="smollm2-135m", steps=30, lr=5e-5, val_batches=6),
+            ],
         }
     if accuracy_model:
         acc = s["accuracy"]
@@ -110,6 +136,42 @@ def save(results: dict, path: Path) -> None:
         json.dump(_jsonable(results), f, indent=1)
 
 
+def new_results(a, s: dict, command: str, stamp: str, device, compile_names: str, facts: list, skipped: dict,
+                allocator_tuned: bool) -> dict[str, Any]:
+    """The skeleton of a new result file: settings, machine, versions, recipes."""
+    return {
+        "timestamp": stamp,
+        "settings": {"mode": "quick" if a.quick else "full", "command": command,
+                     "sections": a.sections, "compile": compile_names, **dict(s)},
+        "machine": {**measure.machine_info(device), "allocator_tuned": allocator_tuned},
+        "recipes": facts, "skipped_recipes": skipped,
+        "qat_recipes": [f["name"] for f in facts if f["qat"]],
+        "int4_weight_recipes": [f["name"] for f in facts if f["int4_weight"]],
+        "section_seconds": {}, "errors": {},
+    }
+
+
+def resume(a, s: dict, command: str, stamp: str, device) -> tuple[Path, dict[str, Any]]:
+    """Load an earlier result file to add sections to it; refuse one made in the other mode."""
+    path = Path(a.resume)
+    if not path.is_file():
+        raise SystemExit(f"run.py: error: --resume={a.resume}: no such result file")
+    results = json.loads(path.read_text())
+    mode = "quick" if a.quick else "full"
+    if results.get("settings", {}).get("mode") != mode:
+        raise SystemExit(f"run.py: error: --resume={a.resume} is a {results.get('settings', {}).get('mode')}-mode "
+                         f"run; add --quick to match it, or drop --resume")
+    settings = results["settings"]
+    settings["sections"] = [x for x in SECTIONS if x in set(settings.get("sections", [])) | set(a.sections)]
+    settings["command"] = f"{settings.get('command', '')} ; then {command}"
+    for key in ("finetune", "finetune_val_batches", "tasks", "accuracy", "val_batches"):
+        settings[key] = s.get(key)
+    results.setdefault("resumed", []).append({"timestamp": stamp, "sections": a.sections,
+                                              "load_average_start": measure.load_average()})
+    results["machine"]["load_average_end"] = None
+    return path, results
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description="lit-qft benchmark suite (accuracy, throughput, memory, size).")
     p.add_argument("--quick", action="store_true", help="tiny models, a few steps (minutes); the smoke-test mode")
@@ -122,6 +184,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for throughput ratios")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default=str(measure.REPO / "benchmarks" / "results"), help="folder for results")
+    p.add_argument("--resume", default=None, metavar="JSON",
+                   help="add the chosen --sections to an earlier result file (same settings mode) instead of a new one")
     a = p.parse_args(argv)
     a.sections = [x.strip() for x in a.sections.split(",") if x.strip()]
     bad = set(a.sections) - set(SECTIONS)
@@ -152,28 +216,23 @@ def main(argv: list[str] | None = None) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(a.out) / f"{stamp}{'-quick' if a.quick else ''}.json"
     facts = recipe_facts(recipes)
-    results: dict[str, Any] = {
-        "timestamp": stamp,
-        "settings": {"mode": "quick" if a.quick else "full", "command": " ".join(["python benchmarks/run.py", *(argv or sys.argv[1:])]),
-                     "sections": a.sections, "compile": compile_names, **{k: v for k, v in s.items()}},
-        "machine": {**measure.machine_info(device), "allocator_tuned": allocator_tuned},
-        "recipes": facts, "skipped_recipes": skipped,
-        "qat_recipes": [f["name"] for f in facts if f["qat"]],
-        "int4_weight_recipes": [f["name"] for f in facts if f["int4_weight"]],
-        "section_seconds": {}, "errors": {},
-    }
+    command = " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
+    if a.resume:
+        out, results = resume(a, s, command, stamp, device)
+    else:
+        results = new_results(a, s, command, stamp, device, compile_names, facts, skipped, allocator_tuned)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     log(f"lit-qft benchmark ({results['settings']['mode']}) on {device}: recipes "
         + ", ".join(f["name"] for f in facts) + f"; sections {','.join(a.sections)}; results -> {out}")
     t_start = time.perf_counter()
-    results["matmul_flops"] = {"fp32": measure.matmul_rate(device, torch.float32),
-                               "bf16": measure.matmul_rate(device, torch.bfloat16)}
-    log("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in results["matmul_flops"].items()))
-    results["bf16_measured"] = measure.native_bf16(device, results["matmul_flops"])
+    rates = {"fp32": measure.matmul_rate(device, torch.float32), "bf16": measure.matmul_rate(device, torch.bfloat16)}
+    results.setdefault("matmul_flops", rates)
+    log("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()))
+    results["bf16_measured"] = measure.native_bf16(device, rates)
     if not results["bf16_measured"]:
         results["bf16_skipped_reason"] = (
-            f"this CPU emulates bf16 matmuls ({results['matmul_flops']['bf16'] / 1e9:.2f} GFLOP/s vs fp32 "
-            f"{results['matmul_flops']['fp32'] / 1e9:.1f}; no AVX-512 BF16/AMX): bf16 rows skipped")
+            f"this CPU emulates bf16 matmuls ({rates['bf16'] / 1e9:.2f} GFLOP/s vs fp32 "
+            f"{rates['fp32'] / 1e9:.1f}; no AVX-512 BF16/AMX): bf16 rows skipped")
         log(results["bf16_skipped_reason"])
         s["train_precisions"], s["framework_precisions"], s["accuracy_precision"] = ["32-true"], ["fp32"], "32-true"
         s["inference"] = dataclasses.replace(s["inference"], dtypes=("fp32",), compile_float=("fp32",))
@@ -181,9 +240,11 @@ def main(argv: list[str] | None = None) -> Path:
                                    inference=s["inference"])
     save(results, out)
 
-    from benchmarks import accuracy, inference, training
+    from benchmarks import accuracy, finetune, inference, tasks, training
+    from lit_qft import quantization as Q
 
     jobs = {
+
         "train": lambda: training.recipe_throughput(s["train"], recipes, device, s["train_precisions"],
                                                     s["train_rounds"], log=log),
         "framework": lambda: training.framework_comparison(s["train"], device, s["framework_rounds"],
@@ -193,6 +254,10 @@ def main(argv: list[str] | None = None) -> Path:
                                                            s["compile_top"], log=log),
         "accuracy": lambda: accuracy.accuracy_benchmark(s["accuracy"], recipes, device, s["accuracy_precision"],
                                                         s["val_batches"], log=log),
+        "finetune": lambda: finetune.finetune_benchmark(s["finetune"], device, s["accuracy_precision"],
+                                                        s["finetune_val_batches"], log=log),
+        "tasks": lambda: tasks.task_benchmark(s["tasks"], Q.QAT8da4w(group_size=32), [Q.PTQInt8WeightOnly()], device,
+                                              s["accuracy_precision"], log=log),
     }
     for section in SECTIONS:
         if section not in a.sections:
@@ -212,7 +277,7 @@ def main(argv: list[str] | None = None) -> Path:
     rates_end = measure.matmul_rate(device, torch.float32)
     results["matmul_flops_fp32_end"] = rates_end
     results["machine"]["load_average_end"] = measure.load_average()
-    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    results["total_seconds"] = round(results.get("total_seconds", 0) + time.perf_counter() - t_start, 1)
     save(results, out)
     from benchmarks.report import write_report
 

@@ -24,7 +24,8 @@ import lightning as L
 import torch
 
 from benchmarks.measure import (
-    allocator_peak, emit, flops_per_token, median, recipe_class_path, recipe_name, reset_peak, run_child, sync,
+    allocator_peak, emit, flops_per_token, median, recipe_args, recipe_class_path, recipe_name, release, reset_peak,
+    run_child, sync,
 )
 
 
@@ -45,6 +46,7 @@ class TrainSpec:
     lr: float = 3e-4
     weight_decay: float = 0.01
     seed: int = 0
+    #: More ``lit-qft fit`` flags for the CLI children (``{"trainer.val_check_interval": 10}``).
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -61,16 +63,23 @@ class StepTimer(L.Callback):
     Args:
         warmup: Steps excluded from the statistics (first-step allocation, optimizer compile).
         emit: Print the result line at the end of training (used when ``lit-qft fit`` runs as a child).
+        with_export: Print it again once fit is over, with ``lit_qft.QuantizedExport``'s end-of-fit
+            report (losses of the float / quantized / adapter / merged models) under ``export``;
+            ``peak_rss_bytes`` stays the training peak.
     """
 
-    def __init__(self, warmup: int = 2, emit: bool = False) -> None:
+    def __init__(self, warmup: int = 2, emit: bool = False, with_export: bool = False) -> None:
         self.warmup = warmup
         self.emit = emit
+        self.with_export = with_export
         self.stamps: list[float] = []
         self.tokens = 0
         self.flops_per_token = 0.0
+        self.trainable_params = 0
+        self._train_line: dict[str, Any] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.trainable_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         reset_peak(pl_module.device)
         sync(pl_module.device)
         self.stamps = [time.perf_counter()]
@@ -92,12 +101,19 @@ class StepTimer(L.Callback):
             "tokens_per_step": self.tokens,
             "tokens_per_second": self.tokens / step,
             "flops_per_token": self.flops_per_token,
+            "trainable_params": self.trainable_params,
             "allocator_peak_bytes": allocator_peak(device),
         }
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.emit:
-            emit(self.result(pl_module.device))
+            self._train_line = emit(self.result(pl_module.device))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # teardown runs after every callback's on_fit_end, so the export report is complete here
+        if self.with_export and stage == "fit" and self._train_line is not None:
+            export = next((cb for cb in trainer.callbacks if hasattr(cb, "report") and "recipe" in cb.report), None)
+            emit({**self._train_line, "export": dict(export.report) if export else {}}, peak_rss=False)
 
 
 def _optimizer_factory(class_path: str, lr: float, weight_decay: float):
@@ -140,7 +156,6 @@ def recipe_throughput(spec: TrainSpec, recipes: list, device: torch.device, prec
     Each round runs every (precision, recipe) once; the ratio to float is taken within a round and
     the median over rounds is reported, so slow drifts of a shared machine cancel out.
     """
-    from lit_qft import LanguageModelingDataModule
     from lit_qft.quantization import NoQuantization
 
     dm = _datamodule(spec)
@@ -156,6 +171,7 @@ def recipe_throughput(spec: TrainSpec, recipes: list, device: torch.device, prec
                     _, res = lit_fit(spec, recipe, dm, device, precision)
                 except Exception as e:  # one failing recipe must not sink the suite
                     res = {"error": f"{type(e).__name__}: {e}"[:300]}
+                release(device)  # the fitted module before the next one is built
                 runs.setdefault(key, []).append(res)
                 log(f"  train {key[0]:<36} {precision:<10} round {rnd + 1}/{rounds}: "
                     + (f"{res['tokens_per_second']:.0f} tok/s" if "error" not in res else res["error"]))
@@ -197,8 +213,14 @@ def _datamodule(spec: TrainSpec):
 
 # ------------------------------------------------------------------ children: lit-qft CLI and HF Trainer
 def cli_fit(spec: TrainSpec, device: torch.device, precision: str, recipe=None,
-            optimizer: str = "torch.optim.AdamW", timeout: float = 1800) -> dict[str, Any]:
-    """Run ``lit-qft fit`` (``python -m lit_qft.cli``, allocator tuned by its entry point) as a child."""
+            optimizer: str = "torch.optim.AdamW", timeout: float = 1800, lora: Any = None,
+            export_val_batches: int = 1) -> dict[str, Any]:
+    """Run ``lit-qft fit`` (``python -m lit_qft.cli``, allocator tuned by its entry point) as a child.
+
+    ``recipe`` goes on the command line with its arguments, ``lora`` (a ``LoraSettings``) as
+    ``--model.lora``. With ``export_val_batches`` > 1 the end-of-fit export report (evaluated on
+    that many validation batches) comes back under ``export``.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         args = ["-m", "lit_qft.cli", "fit",
                 "--data=lit_qft.data.LanguageModelingDataModule", f"--data.source={spec.source}",
@@ -214,14 +236,20 @@ def cli_fit(spec: TrainSpec, device: torch.device, precision: str, recipe=None,
                 "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp}",
                 f"--seed_everything={spec.seed}",
                 "--trainer.callbacks=" + json.dumps([{"class_path": "benchmarks.training.StepTimer",
-                                                      "init_args": {"warmup": spec.warmup_steps, "emit": True}}]),
-                f"--export.output_dir={tmp}/quantized", "--export.max_val_batches=1"]
+                                                      "init_args": {"warmup": spec.warmup_steps, "emit": True,
+                                                                    "with_export": export_val_batches > 1}}]),
+                f"--export.output_dir={tmp}/quantized", f"--export.max_val_batches={export_val_batches}"]
         if spec.pretrained:
             args.append(f"--model.pretrained={spec.pretrained}")
         if spec.config_overrides:
             args.append("--model.config_overrides=" + json.dumps(spec.config_overrides))
         if recipe is not None:
-            args.append(f"--model.quantization={recipe_class_path(recipe)}")
+            args.append("--model.quantization=" + json.dumps({"class_path": recipe_class_path(recipe),
+                                                              "init_args": recipe_args(recipe)}))
+        if lora is not None:
+            args.append("--model.lora=" + json.dumps(asdict(lora)))
+        if spec.extra:
+            args += [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in spec.extra.items()]
         return run_child(args, timeout=timeout)
 
 

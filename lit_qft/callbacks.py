@@ -16,6 +16,11 @@ from lit_qft.lora import finish_fit as finish_lora_fit
 from lit_qft.module import perplexity
 
 
+def _resuming(trainer: L.Trainer) -> bool:
+    """True when fit continues from a checkpoint: the adapters are no longer at their zero start."""
+    return bool(getattr(trainer, "ckpt_path", None))
+
+
 class QuantizedExport(L.Callback):
     """At the end of ``fit``: evaluate float, convert to the recipe's quantized model, evaluate, save.
 
@@ -33,13 +38,22 @@ class QuantizedExport(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
+        self._base_loss = None
+        if getattr(pl_module, "lora", None) is not None and not trainer.interrupted:
+            # LoRA's B starts at zero, so the model now *is* the (fake-)quantized base: its loss is the
+            # "before" of the report, what the adapters (and the merged model) are measured against.
+            val = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
+            if val is not None and not _resuming(trainer):
+                with trainer.strategy.precision_plugin.forward_context():
+                    self._base_loss = pl_module.evaluate_loss(val, self.max_val_batches)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.interrupted:
             return
         if getattr(pl_module, "lora", None) is not None:  # save adapters; merge + re-quantize (lit_qft.lora)
             t0 = getattr(self, "_t0", time.perf_counter())
-            self.report = finish_lora_fit(trainer, pl_module, self.output_dir, self.max_val_batches, t0)
+            self.report = finish_lora_fit(trainer, pl_module, self.output_dir, self.max_val_batches, t0,
+                                          base_loss=getattr(self, "_base_loss", None))
             return
         recipe = pl_module.recipe
         val = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders

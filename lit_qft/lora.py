@@ -220,17 +220,19 @@ def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def finish_fit(trainer, pl_module, output_dir: str | Path, max_val_batches: int | None, started: float) -> dict:
+def finish_fit(trainer, pl_module, output_dir: str | Path, max_val_batches: int | None, started: float,
+               base_loss: float | None = None) -> dict:
     """The end-of-fit LoRA report (called by :class:`lit_qft.QuantizedExport`): save and evaluate.
 
     Evaluates the adapters on the (fake-)quantized base as trained, saves the adapters, and with
-    ``merge`` merges + re-quantizes, evaluates and saves the merged model. Returns the report.
+    ``merge`` merges + re-quantizes, evaluates and saves the merged model. ``base_loss`` is the
+    base's loss before training (measured at fit start), reported next to both. Returns the report.
     """
     with trainer.strategy.precision_plugin.forward_context():  # evaluate in the training precision
-        return _finish_fit(trainer, pl_module, output_dir, max_val_batches, started)
+        return _finish_fit(trainer, pl_module, output_dir, max_val_batches, started, base_loss)
 
 
-def _finish_fit(trainer, pl_module, output_dir, max_val_batches, started) -> dict:
+def _finish_fit(trainer, pl_module, output_dir, max_val_batches, started, base_loss=None) -> dict:
     settings, recipe = pl_module.lora, pl_module.recipe
     val = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
     pl_module.model._compiled_call_impl = None  # evaluate eagerly (merging replaces layers anyway)
@@ -238,6 +240,7 @@ def _finish_fit(trainer, pl_module, output_dir, max_val_batches, started) -> dic
     report: dict[str, Any] = {
         "recipe": type(recipe).__name__, "qat": recipe.qat, "lora_rank": settings.rank, "trainable_params": trainable,
         "adapter_loss": pl_module.evaluate_loss(val, max_val_batches),
+        **({"base_loss": base_loss} if base_loss is not None else {}),
         "adapter_bytes": adapter_bytes(pl_module.model),
     }
     hp = pl_module.hparams
@@ -272,14 +275,18 @@ def summary(r: dict) -> str:
     base = "fake-quantized" if r.get("qat") else "frozen"
     lines = [f"lit-qft LoRA summary ({r['recipe']} base, rank {r['lora_rank']}, fit {r['fit_seconds']:.0f} s)"]
     lines.append(f"  trainable parameters {r['trainable_params']:,} ({mib(r['adapter_bytes'])})")
-    lines.append(f"  adapters on the {base} base      val loss {r['adapter_loss']:.4f}  ppl {_ppl(r['adapter_loss']):.2f}")
+
+    def loss_line(label: str, loss: float) -> str:
+        return f"  {label:<32}val loss {loss:.4f}  ppl {_ppl(loss):.2f}"
+
+    if "base_loss" in r:
+        lines.append(loss_line(f"{base} base before training", r["base_loss"]))
+    lines.append(loss_line(f"adapters on the {base} base", r["adapter_loss"]))
     if "adapter_dir" in r:
         lines.append(f"    adapters saved to {r['adapter_dir']} ({mib(r['adapter_disk_bytes'])}); lit_qft.load_adapters(PATH)")
     if "merged_loss" in r:
-        lines.append(
-            f"  merged + re-quantized model     val loss {r['merged_loss']:.4f}  ppl {_ppl(r['merged_loss']):.2f}"
-            f"  size {mib(r['merged_bytes'])}, {r['quantized_modules']} layers quantized"
-        )
+        size = f"  size {mib(r['merged_bytes'])}, {r['quantized_modules']} layers quantized"
+        lines.append(loss_line("merged + re-quantized model", r["merged_loss"]) + size)
     if "saved_to" in r:
         lines.append(f"    saved to {r['saved_to']} ({mib(r['disk_bytes'])}); lit_qft.load_quantized(PATH)")
     return "\n".join(lines)
