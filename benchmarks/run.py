@@ -73,19 +73,19 @@ def build_settings(quick: bool, device: torch.device, accuracy_model: str | None
             "accuracy": TrainSpec(pretrained="smollm2-135m", tokenizer="smollm2", max_documents=6000, batch_size=4,
                                   steps=40, lr=5e-5, warmup_steps=0),
             "val_batches": 12,
-            # SmolLM2-135M: 40 steps per variant, each in its own process (its peak RSS is the variant's)
+            # SmolLM2-135M: 24 steps per variant, each in its own process (its peak RSS is the variant's)
             "finetune": TrainSpec(pretrained="smollm2-135m", tokenizer="smollm2", max_documents=6000, batch_size=4,
-                                  warmup_steps=2, steps=38),
-            "finetune_val_batches": 12,
+                                  warmup_steps=2, steps=22),
+            "finetune_val_batches": 8,
             "tasks": [
                 # label-word prompts ("Review: ...\nSentiment: positive"): the pretrained model scores from step 0
                 TaskSpec("sentiment", {"source": "rotten-tomatoes", "tokenizer": "smollm2", "style": "prompt",
                                        "max_length": 64, "batch_size": 8, "max_examples": 2000},
-                         pretrained="smollm2-135m", steps=30, lr=2e-5, val_batches=16),
+                         pretrained="smollm2-135m", steps=20, lr=2e-5, val_batches=10),
                 TaskSpec("translation", {"source": "bible-en-es", "tokenizer": "smollm2", "max_length": 96,
-                                         "max_target_length": 48, "max_new_tokens": 40, "batch_size": 8,
+                                         "max_target_length": 48, "max_new_tokens": 32, "batch_size": 8,
                                          "max_examples": 3000, "val_fraction": 0.02},
-                         pretrained="smollm2-135m", steps=30, lr=5e-5, val_batches=6),
+                         pretrained="smollm2-135m", steps=20, lr=5e-5, val_batches=4),
             ],
         }
     if accuracy_model:
