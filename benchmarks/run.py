@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> Path:
         + ", ".join(f["name"] for f in facts) + f"; sections {','.join(a.sections)}; results -> {out}")
     t_start = time.perf_counter()
     rates = {"fp32": measure.matmul_rate(device, torch.float32), "bf16": measure.matmul_rate(device, torch.bfloat16)}
+    if "matmul_flops" in results:  # a resumed run: keep every measurement (the report uses the best)
+        results.setdefault("matmul_flops_resumed", []).append(rates)
     results.setdefault("matmul_flops", rates)
     log("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()))
     results["bf16_measured"] = measure.native_bf16(device, rates)
