@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torchao.quantization.qat.linear import FakeQuantizedLinear
@@ -180,3 +183,53 @@ def test_set_fake_quant_switches_linears_and_embeddings(tiny_gpt2):
     Q.set_fake_quant(tiny_gpt2, False)
     assert Q.fake_quant_enabled(tiny_gpt2) is False
     torch.testing.assert_close(_logits(tiny_gpt2, ids), float_logits, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the package layout
+REPO = Path(__file__).parents[1]
+
+
+def _names_the_repo_uses() -> set[str]:
+    """Names reached through the package in code and docs: attribute access on ``Q`` or the dotted path, and imports."""
+    names: set[str] = set()
+    files = [p for d in ("lit_qft", "tests", "benchmarks", "docs", "configs") for p in (REPO / d).rglob("*")
+             if p.suffix in (".py", ".md", ".yaml") and "quantization" not in p.relative_to(REPO).parts[1:2]]
+    for path in files + [REPO / "README.md"]:
+        text = path.read_text()
+        if "quantization as Q" in text:
+            names |= set(re.findall(r"\bQ\.([A-Za-z_]\w*)", text))
+        names |= set(re.findall(r"\blit_qft\.quantization\.([A-Za-z_]\w*)", text))
+        for block in re.findall(r"from lit_qft\.quantization import (\([^)]*\)|[^\n]+)", text):
+            names |= set(re.findall(r"[A-Za-z_]\w*", block.split("#")[0]))
+    # test_safe_loading names lit_qft.quantization.torch on purpose (a non-recipe must be refused)
+    return names - {"torch"}
+
+
+def test_every_name_the_repo_uses_is_exported_by_the_package():
+    used = _names_the_repo_uses()
+    assert {"Recipe", "prepare", "convert", "quantized_modules", "NoQuantization"} <= used  # the scan sees them
+    assert sorted(n for n in used if not hasattr(Q, n)) == []
+    # private helpers other code may reach for stay reachable at the old path too
+    for name in ("_target_filter", "_check_intx_weight_only", "_intx_weight_only_config", "_embedding_config",
+                 "_head_is_tied", "_output_head", "_input_embedding", "_check_group_size", "EmbeddingPolicy"):
+        assert hasattr(Q, name), name
+
+
+def test_torchao_is_imported_only_inside_the_quantization_package():
+    package = REPO / "lit_qft"
+    importers = sorted(
+        str(p.relative_to(package)) for p in package.rglob("*.py")
+        if re.search(r"^\s*(from|import)\s+torchao\b", p.read_text(), re.M)
+    )
+    assert importers and all(name.startswith("quantization/") for name in importers), importers
+
+
+@pytest.mark.parametrize("path", ["QAT8da4w", "lit_qft.QAT8da4w", "lit_qft.quantization.QAT8da4w",
+                                  "lit_qft.quantization.recipes.QAT8da4w"])
+def test_recipe_class_paths_resolve_on_the_command_line(text_file, path):
+    from lit_qft.cli import build_cli
+
+    cli = build_cli(["--data=lit_qft.data.LanguageModelingDataModule", f"--data.source={text_file}",
+                     f"--model.quantization={path}", "--model.quantization.group_size=16",
+                     "--trainer.logger=false"], run=False)
+    assert type(cli.model.recipe) is Q.QAT8da4w and cli.model.recipe.group_size == 16
