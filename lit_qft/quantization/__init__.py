@@ -36,6 +36,7 @@ from lit_qft.quantization.inspection import (
     model_size_bytes,
     quantized_modules,
     sqnr_db,
+    weight_format,
 )
 from lit_qft.quantization.recipes import (
     _POLICIES,
@@ -107,4 +108,5 @@ __all__ = [
     "sqnr_db",
     "swap_conv1d",
     "untie_output_head",
+    "weight_format",
 ]

@@ -81,3 +81,29 @@ def dequantize_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) 
         return weight.dequantize().to(dtype)
     return weight.detach().to(dtype).clone()
 
+
+#: Tensor attributes that say where or in which float dtype a weight lives, not how it is quantized.
+_PLACEMENT_ATTRIBUTES = ("dtype", "device", "tensor_meta", "requires_grad")
+
+
+def weight_format(tensor: torch.Tensor) -> str:
+    """How a weight is stored, as a short string: ``plain tensor`` or the torchao tensor type with
+    the attributes that define its format (bits, block size, activation quantization...).
+
+    Two weights with the same format load into each other; the float dtype and the device are left
+    out (a bf16 export loads into a model built in fp32).
+    """
+    if not is_quantized_weight(tensor):
+        return "plain tensor"
+    _, attributes = tensor.__tensor_flatten__()
+    if not isinstance(attributes, dict):  # some torchao tensors flatten their attributes to a list
+        attributes = dict(zip(getattr(type(tensor), "tensor_attribute_names", ()), attributes))
+    parts = [f"{k}={_plain(v)}" for k, v in sorted(attributes.items()) if k not in _PLACEMENT_ATTRIBUTES]
+    return f"{type(tensor).__name__}({', '.join(parts)})"
+
+
+def _plain(value) -> str:
+    """Tuples and lists print alike (a block size may come back from pickling as either)."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        return "[" + ", ".join(_plain(v) for v in value) + "]"
+    return str(value).removeprefix("torch.")
