@@ -26,7 +26,7 @@ from torchao.quantization import (
 # NF4 (QLoRA's 4-bit NormalFloat): its quantize_ config (prototype location in 0.18).
 from torchao.prototype._nf4tensor_api import NF4WeightOnlyConfig
 
-from lit_qft.quantization.targets import _target_filter
+from lit_qft.quantization.targets import _output_head, _target_filter
 
 EmbeddingPolicy = Literal["float", "untie_head", "quantize_embedding"]
 _POLICIES = ("float", "untie_head", "quantize_embedding")
@@ -72,6 +72,10 @@ class Recipe:
 
     def check_supported(self) -> None:
         """Raise ``ValueError`` (naming the hardware or field to change) if this recipe cannot run here."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` (naming the layer, its shape and what to change) if a layer this recipe
+        targets cannot take its format; ``prepare`` calls it after the Conv1D swap and head policy."""
 
     def __post_init__(self) -> None:
         if self.embedding_policy not in _POLICIES:
@@ -334,16 +338,43 @@ class PTQNF4WeightOnly(Recipe):
         config.block_size, config.scaler_block_size = self.block_size, self.scaler_block_size
         return config
 
+    def fits(self, numel: int) -> bool:
+        """Whether torchao's ``NF4Tensor`` can store a weight of ``numel`` values with these block sizes.
+
+        It needs an even count that ``block_size`` divides, and a number of blocks that
+        ``scaler_block_size`` divides; otherwise it fails with a bare ``AssertionError``.
+        """
+        return numel % 2 == 0 and numel % self.block_size == 0 and (numel // self.block_size) % self.scaler_block_size == 0
+
     def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` naming the layer and field when a layer's shape does not fit the blocks."""
+        """Raise ``ValueError`` naming the first layer NF4 cannot store, its shape, the divisibility it
+        lacks and what to change: checked in ``prepare``, before training (a PTQ run would otherwise
+        fail at convert, after the whole run). GPT-2's 50,257-row head is the usual case under
+        ``embedding_policy: untie_head``: 50,257 x 768 weights are 603,084 blocks of 64, not a multiple
+        of 64. (``quantize_embedding`` stores the table int8 per row, which any vocabulary fits.)
+        """
         targets = _target_filter(model, self)
-        for name, module in model.named_modules():
-            if not targets(module, name):
-                continue
-            numel = module.weight.numel()
-            if numel % self.block_size or (numel // self.block_size) % self.scaler_block_size:
-                raise ValueError(
-                    f"PTQNF4WeightOnly: layer {name} has {numel} weights ({numel // max(self.block_size, 1)} "
-                    f"blocks of {self.block_size}); choose block_size dividing the weight count and "
-                    f"scaler_block_size dividing the block count (e.g. scaler_block_size: 16)"
-                )
+        bad = [(name, m) for name, m in model.named_modules() if targets(m, name) and not self.fits(m.weight.numel())]
+        if not bad:
+            return
+        name, module = bad[0]
+        numel = module.weight.numel()
+        if numel % self.block_size or numel % 2:
+            need = f"its {numel} weights must be an even multiple of block_size={self.block_size}"
+        else:
+            need = (f"its {numel // self.block_size} blocks of {self.block_size} weights must be a multiple of "
+                    f"scaler_block_size={self.scaler_block_size}")
+        head = _output_head(model)
+        fixes = []
+        if any(m is head for _, m in bad):
+            fixes.append("keep the output head in float with embedding_policy: float (or quantize_embedding, "
+                         "an int8 table shared with the head)")
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in bad if m is not head})
+        if leaves:
+            fixes.append(f"keep such layers in float with skip: ['(^|\\.)({'|'.join(leaves)})$']")
+        fixes.append("choose block_size / scaler_block_size that divide them")
+        others = f" ({len(bad) - 1} more layer(s) too)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"PTQNF4WeightOnly cannot store layer {name} (weight {list(module.weight.shape)}) in NF4: {need}"
+            f"{others}; {', or '.join(fixes)}"
+        )

@@ -95,6 +95,7 @@ def prepare(model: nn.Module, recipe: Recipe) -> nn.Module:
         untie_output_head(model)
     if recipe.quantizes:  # up front, also for PTQ (converted only after the whole run)
         check_group_size(model, recipe, _target_filter(model, recipe))
+        recipe.check_model(model)
     if not recipe.qat:
         return model
     act_config, weight_config = _infer_fake_quantize_configs(recipe.base_config())
@@ -134,6 +135,7 @@ def convert(model: nn.Module, recipe: Recipe) -> nn.Module:
             quantize_(model, QATConfig(_embedding_config(), step="convert"),
                       filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedEmbedding))
     else:
+        recipe.check_model(model)  # a one-line error, also for a model that skipped prepare
         quantize_(model, recipe.base_config(), filter_fn=_target_filter(model, recipe))
         if shared:
             quantize_(model, _embedding_config(), filter_fn=_is_module(_input_embedding(model)))
