@@ -84,6 +84,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu"):
         state = torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True)
     except Exception as e:
         raise ValueError(f"{folder / WEIGHTS_FILE} cannot be loaded safely ({type(e).__name__}); re-export it") from None
+    check_weights_match_recipe(folder, recipe, model, state)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     # A tied lm_head is saved under both names; anything else missing means a mismatched folder.
     missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
@@ -94,6 +95,28 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu"):
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, recipe
+
+
+def check_weights_match_recipe(folder: Path, recipe: Q.Recipe, model: nn.Module, state) -> None:
+    """Raise a one-line ``ValueError`` if ``state`` (``model.pt``) was not written under ``recipe``.
+
+    ``model`` already has the recipe's structure (:func:`~lit_qft.quantization.quantize_for_loading`),
+    so each of its tensors shows the format the recipe produces. ``load_state_dict(assign=True)``
+    would otherwise take float weights under a quantized recipe, or the reverse, without a word.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"{folder / WEIGHTS_FILE} holds a {type(state).__name__}, not a state_dict; re-export the model")
+    expected = model.state_dict()
+    wrong = [(key, Q.weight_format(value), Q.weight_format(expected[key])) for key, value in state.items()
+             if key in expected and Q.weight_format(value) != Q.weight_format(expected[key])]
+    if wrong:
+        key, found, wanted = wrong[0]
+        raise ValueError(
+            f"{folder}: {RECIPE_FILE} names {recipe!r} but {WEIGHTS_FILE} was not written with it ({len(wrong)} "
+            f"tensor(s) differ, e.g. {key} is {found} where the recipe makes {wanted}); put back the "
+            f"{RECIPE_FILE} saved with these weights, or re-export the folder with "
+            f"`lit-qft convert --ckpt_path <checkpoint> --output_dir {folder}`"
+        )
 
 
 def _auto_class(config):

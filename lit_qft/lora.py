@@ -110,10 +110,7 @@ def prepare_base(model: nn.Module, recipe: Q.Recipe, prepared: bool = False) -> 
             leaves it in float.
         prepared: ``model`` already went through :func:`lit_qft.quantization.prepare`.
     """
-    check_model = getattr(recipe, "check_model", None)
-    if callable(check_model):
-        check_model(model)
-    if not prepared:
+    if not prepared:  # prepare (and convert) check that every target layer fits the recipe (NF4 blocks)
         Q.prepare(model, recipe)
     if recipe.quantizes and not recipe.qat:
         Q.convert(model, recipe)  # the base is quantized before training, not after it

@@ -251,13 +251,9 @@ class LitCausalLM(L.LightningModule):
             metric.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
-        """Greedy continuation of the first 32 tokens of each sequence (decoded text)."""
-        prompt = batch["input_ids"][:, :32]
-        out = self.model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return self.tokenizer.batch_decode(out[:, prompt.shape[1]:], skip_special_tokens=True)
+        """Decoded text, one string per example (:meth:`lit_qft.tasks.Task.predict_texts`): the
+        translation for translation data, else the greedy continuation of the first 32 tokens."""
+        return self.task.predict_texts(self.model, batch, self.tokenizer)
 
     @torch.no_grad()
     def evaluate_loss(self, dataloader, max_batches: int | None = None) -> float:

@@ -91,6 +91,17 @@ class Task:
     def update_metrics(self, metrics: nn.ModuleDict, model: nn.Module, batch: dict[str, Any], outputs, tokenizer) -> None:
         """Add one validation batch to ``metrics`` (``outputs`` is this batch's :meth:`forward`)."""
 
+    @torch.no_grad()
+    def predict_texts(self, model: nn.Module, batch: dict[str, Any], tokenizer) -> list[str]:
+        """What ``lit-qft predict`` returns for one batch, one string per example: here the greedy
+        continuation (32 new tokens) of the first 32 tokens of each sequence, decoded."""
+        prompt = batch["input_ids"][:, :32]
+        out = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return tokenizer.batch_decode(out[:, prompt.shape[1]:], skip_special_tokens=True)
+
 
 class LanguageModeling(Task):
     """Next-token prediction on every real token (padding masked); reports loss and perplexity."""
@@ -201,6 +212,10 @@ class Translation(Task):
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
         return [t.strip() for t in tokenizer.batch_decode(out[:, prompt.shape[1]:], skip_special_tokens=True)]
+
+    def predict_texts(self, model, batch, tokenizer) -> list[str]:
+        """The greedy translation of each example's prompt (the source only, never its reference)."""
+        return self.generate(model, batch, tokenizer)
 
     def update_metrics(self, metrics, model, batch, outputs, tokenizer) -> None:
         hyps = self.generate(model, batch, tokenizer)

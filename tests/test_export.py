@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from conftest import TINY_GPT2, TINY_LLAMA
 from lit_qft import quantization as Q
 from lit_qft.assets import load_tokenizer
-from lit_qft.export import WEIGHTS_FILE, load_quantized, save_quantized
+from lit_qft.export import RECIPE_FILE, WEIGHTS_FILE, load_quantized, save_quantized
 
 RECIPES = {
     "QAT8da4w": Q.QAT8da4w(group_size=32),
@@ -191,3 +191,58 @@ def test_load_rejects_a_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="lit_qft_quantization.json"):
         load_quantized(tmp_path)
+
+
+# ------------------------------------------------------------------ recipe file vs weights
+@pytest.fixture
+def int8_folder(tmp_path, tiny_gpt2):
+    recipe = Q.PTQInt8WeightOnly()
+    Q.convert(Q.prepare(tiny_gpt2, recipe), recipe)
+    with torch.no_grad():
+        logits = tiny_gpt2(IDS).logits
+    return save_quantized(tiny_gpt2, load_tokenizer("gpt2"), recipe, tmp_path / "int8"), logits
+
+
+def _load_logits(folder):
+    model, _, recipe = load_quantized(folder)
+    with torch.no_grad():
+        return model(IDS).logits, recipe
+
+
+@pytest.mark.parametrize("class_path", ["lit_qft.quantization.PTQInt8WeightOnly", "lit_qft.PTQInt8WeightOnly",
+                                        "lit_qft.quantization.recipes.PTQInt8WeightOnly"])
+def test_recipe_file_loads_under_every_class_path_of_the_recipe(int8_folder, class_path):
+    folder, logits = int8_folder
+    spec = json.loads((folder / RECIPE_FILE).read_text())
+    assert spec["class_path"] == "lit_qft.quantization.PTQInt8WeightOnly"  # what files written so far say
+    (folder / RECIPE_FILE).write_text(json.dumps({**spec, "class_path": class_path}))
+    loaded, recipe = _load_logits(folder)
+    assert type(recipe) is Q.PTQInt8WeightOnly
+    torch.testing.assert_close(loaded, logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tampered, found, wanted", [
+    ({"class_path": "lit_qft.quantization.NoQuantization"}, "is Int8Tensor", "makes plain tensor"),
+    ({"class_path": "lit_qft.PTQIntxWeightOnly", "init_args": {"bits": 8}}, "is Int8Tensor", "makes IntxUnpackedToInt8Tensor"),
+    ({"class_path": "lit_qft.PTQInt8DynamicActivationInt8Weight"}, "act_quant_kwargs=None", "act_quant_kwargs=QuantizeTensorToInt8Kwargs"),
+    ({"class_path": "lit_qft.PTQInt8WeightOnly", "init_args": {"skip": [r"h\.0\."]}}, "h.0.attn.c_attn.weight is Int8Tensor", "makes plain tensor"),
+])
+def test_recipe_file_that_does_not_match_the_weights_is_a_one_line_error(int8_folder, tampered, found, wanted):
+    folder, logits = int8_folder
+    original = (folder / RECIPE_FILE).read_text()
+    (folder / RECIPE_FILE).write_text(json.dumps(tampered))
+    with pytest.raises(ValueError) as e:
+        load_quantized(folder)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{folder}: {RECIPE_FILE} names ")
+    assert found in message and wanted in message and "lit-qft convert" in message
+    (folder / RECIPE_FILE).write_text(original)  # put back: loads again, bit-identical
+    torch.testing.assert_close(_load_logits(folder)[0], logits, rtol=0, atol=0)
+
+
+def test_float_weights_under_a_quantized_recipe_file_are_refused(tmp_path, tiny_gpt2):
+    Q.prepare(tiny_gpt2, Q.NoQuantization())  # Conv1D -> Linear, as an export does
+    folder = save_quantized(tiny_gpt2, load_tokenizer("gpt2"), Q.NoQuantization(), tmp_path / "float")
+    (folder / RECIPE_FILE).write_text(json.dumps({"class_path": "lit_qft.quantization.PTQInt8WeightOnly"}))
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn\.weight is plain tensor where the recipe makes Int8Tensor"):
+        load_quantized(folder)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from torchao.quantization import quantize_
 from torchao.quantization.qat.linear import FakeQuantizedLinear
 from torchao.utils import TorchAOBaseTensor
 from transformers.pytorch_utils import Conv1D
@@ -180,3 +185,114 @@ def test_set_fake_quant_switches_linears_and_embeddings(tiny_gpt2):
     Q.set_fake_quant(tiny_gpt2, False)
     assert Q.fake_quant_enabled(tiny_gpt2) is False
     torch.testing.assert_close(_logits(tiny_gpt2, ids), float_logits, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the package layout
+REPO = Path(__file__).parents[1]
+
+
+def _names_the_repo_uses() -> set[str]:
+    """Names reached through the package in code and docs: attribute access on ``Q`` or the dotted path, and imports."""
+    names: set[str] = set()
+    files = [p for d in ("lit_qft", "tests", "benchmarks", "docs", "configs") for p in (REPO / d).rglob("*")
+             if p.suffix in (".py", ".md", ".yaml") and "quantization" not in p.relative_to(REPO).parts[1:2]]
+    for path in files + [REPO / "README.md"]:
+        text = path.read_text()
+        if "quantization as Q" in text:
+            names |= set(re.findall(r"\bQ\.([A-Za-z_]\w*)", text))
+        names |= set(re.findall(r"\blit_qft\.quantization\.([A-Za-z_]\w*)", text))
+        for block in re.findall(r"from lit_qft\.quantization import (\([^)]*\)|[^\n]+)", text):
+            names |= set(re.findall(r"[A-Za-z_]\w*", block.split("#")[0]))
+    # test_safe_loading names lit_qft.quantization.torch on purpose (a non-recipe must be refused)
+    return names - {"torch"}
+
+
+def test_every_name_the_repo_uses_is_exported_by_the_package():
+    used = _names_the_repo_uses()
+    assert {"Recipe", "prepare", "convert", "quantized_modules", "NoQuantization"} <= used  # the scan sees them
+    assert sorted(n for n in used if not hasattr(Q, n)) == []
+    # private helpers other code may reach for stay reachable at the old path too
+    for name in ("_target_filter", "_check_intx_weight_only", "_intx_weight_only_config", "_embedding_config",
+                 "_head_is_tied", "_output_head", "_input_embedding", "_check_group_size", "EmbeddingPolicy"):
+        assert hasattr(Q, name), name
+
+
+def test_torchao_is_imported_only_inside_the_quantization_package():
+    package = REPO / "lit_qft"
+    importers = sorted(
+        str(p.relative_to(package)) for p in package.rglob("*.py")
+        if re.search(r"^\s*(from|import)\s+torchao\b", p.read_text(), re.M)
+    )
+    assert importers and all(name.startswith("quantization/") for name in importers), importers
+
+
+@pytest.mark.parametrize("path", ["QAT8da4w", "lit_qft.QAT8da4w", "lit_qft.quantization.QAT8da4w",
+                                  "lit_qft.quantization.recipes.QAT8da4w"])
+def test_recipe_class_paths_resolve_on_the_command_line(text_file, path):
+    from lit_qft.cli import build_cli
+
+    cli = build_cli(["--data=lit_qft.data.LanguageModelingDataModule", f"--data.source={text_file}",
+                     f"--model.quantization={path}", "--model.quantization.group_size=16",
+                     "--trainer.logger=false"], run=False)
+    assert type(cli.model.recipe) is Q.QAT8da4w and cli.model.recipe.group_size == 16
+
+
+# ------------------------------------------------------------------ NF4 block sizes
+GPT2_VOCAB = 50257
+
+
+def _gpt2_with_full_vocab():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, n_layer=1, n_embd=64, n_head=4, n_positions=64)).eval()
+
+
+@pytest.mark.parametrize("shape, block_size, scaler_block_size", [
+    ((GPT2_VOCAB, 64), 64, 16), ((GPT2_VOCAB, 64), 64, 1), ((32, 64), 64, 64), ((32, 64), 64, 16),
+    ((192, 64), 64, 64), ((192, 64), 64, 3), ((3, 7), 7, 1), ((4, 7), 7, 2), ((6, 10), 12, 5),
+])
+def test_nf4_fits_says_exactly_what_torchao_can_store(shape, block_size, scaler_block_size):
+    recipe = Q.PTQNF4WeightOnly(block_size=block_size, scaler_block_size=scaler_block_size)
+    linear = torch.nn.Linear(shape[1], shape[0], bias=False)
+    try:
+        quantize_(linear, recipe.base_config())
+        stored = True
+    except AssertionError:  # torchao's only complaint about a shape
+        stored = False
+    assert recipe.fits(linear.weight.numel()) == stored
+
+
+def test_nf4_untied_gpt2_head_is_a_one_line_error_before_training():
+    model = _gpt2_with_full_vocab()
+    recipe = Q.PTQNF4WeightOnly(embedding_policy="untie_head", scaler_block_size=16)
+    with pytest.raises(ValueError) as e:
+        Q.prepare(model, recipe)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"PTQNF4WeightOnly cannot store layer lm_head (weight [{GPT2_VOCAB}, 64]) in NF4: "
+                              f"its {GPT2_VOCAB} blocks of 64 weights must be a multiple of scaler_block_size=16")
+    assert "embedding_policy: float" in message and "more layer" not in message  # the blocks fit
+    # the advice works: the head in float (the default) or one int8 table shared with the head
+    for policy in ("float", "quantize_embedding"):
+        fixed = dataclasses.replace(recipe, embedding_policy=policy)
+        model = Q.convert(Q.prepare(_gpt2_with_full_vocab(), fixed), fixed)
+        blocks = [f"transformer.h.0.{p}" for p in PROJECTIONS]
+        assert all(type(model.get_submodule(n).weight).__name__ == "NF4Tensor" for n in blocks)
+        assert model.lm_head.weight is model.transformer.wte.weight
+        if policy == "quantize_embedding":  # the 50,257-row table is int8 per row, not NF4
+            assert type(model.transformer.wte.weight).__name__ == "IntxUnpackedToInt8Tensor"
+        assert torch.isfinite(_logits(model, torch.tensor([[464, 3290, 50256]]))).all()
+
+
+def test_nf4_layers_too_small_for_the_blocks_name_a_skip_that_works(tiny_llama):
+    recipe = Q.PTQNF4WeightOnly()  # 64 x 64: the tiny k/v projections (32 x 64) have only 32 blocks
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.k_proj \(weight \[32, 64\]\) in NF4: "
+                                         r"its 32 blocks of 64 weights must be a multiple of scaler_block_size=64 "
+                                         r"\(3 more layer\(s\) too\)") as e:
+        Q.prepare(tiny_llama, recipe)
+    skip = re.search(r"skip: \['(.+?)'\]", str(e.value)).group(1)
+    fixed = dataclasses.replace(recipe, skip=[skip])
+    Q.convert(Q.prepare(tiny_llama, fixed), fixed)
+    assert sorted({n.rsplit(".", 1)[-1] for n in Q.quantized_modules(tiny_llama)}) == [
+        "down_proj", "gate_proj", "o_proj", "q_proj", "up_proj"]

@@ -204,3 +204,39 @@ def test_offline_task_config_runs_through_the_cli(tmp_path, name):
     assert (tmp_path / "q" / "model.pt").is_file()
     if "sentiment" in name:
         assert 0.0 <= float(logged["val/acc"]) <= 1.0
+
+
+# ------------------------------------------------------------------ predict
+def test_predict_on_translation_data_returns_one_greedy_translation_per_example(tmp_path, tok):
+    import json
+
+    import lightning as L
+
+    from lit_qft.data import TranslationDataModule
+    from lit_qft.module import LitCausalLM
+
+    words = "the house water light day night earth good".split()
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i in range(14):
+            f.write(json.dumps({"source": " ".join(words[j % 8] for j in range(i, i + 2 + i % 4)),
+                                "target": f"la casa {i}"}) + "\n")
+    data = TranslationDataModule(source=str(tmp_path / "pairs.jsonl"), batch_size=3, val_fraction=0.5,
+                                 max_length=32, max_target_length=8, max_new_tokens=4)
+    torch.manual_seed(0)
+    module = LitCausalLM(architecture="gpt2", config_overrides=TINY_GPT2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = trainer.predict(module, datamodule=data)
+    assert isinstance(module.task, Translation)
+    texts = [t for b in batches for t in b]
+    assert [len(b) for b in batches] == [len(b["references"]) for b in data.predict_dataloader()]
+    assert len(texts) == len(data.val_dataset) >= 4 and all(isinstance(t, str) for t in texts)
+    # each is the greedy translation of its prompt alone (no padding, no peek at the reference)
+    model = module.model.eval()
+    alone = []
+    for row in data.val_dataset:
+        prompt = torch.tensor([row["prompt_ids"]])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        alone.append(tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip())
+    assert texts == alone and any(texts)
+    assert [t for b in trainer.predict(module, datamodule=data) for t in b] == texts  # deterministic
