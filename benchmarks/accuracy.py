@@ -13,7 +13,6 @@ recipe's own target config, so the recovered share compares like with like::
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -21,10 +20,7 @@ import torch
 from benchmarks.inference import disk_bytes
 from benchmarks.measure import recipe_name, release
 from benchmarks.training import TrainSpec, _datamodule, lit_fit, trains_like_float
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
+from lit_qft.module import perplexity as _ppl
 
 
 def _evaluate(model, val_loader, device, max_batches: int) -> float:

@@ -17,16 +17,16 @@ memory; the end-of-fit report gives the accuracy of what each variant produces:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
 
 from benchmarks.training import TrainSpec, cli_fit
+from lit_qft.module import perplexity
 
 
 def _ppl(loss: float | None) -> float | None:
-    return math.exp(min(loss, 50.0)) if loss is not None else None
+    return perplexity(loss) if loss is not None else None
 
 
 def _losses(export: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
