@@ -39,8 +39,12 @@ def _evaluate(model, val_loader, device, max_batches: int) -> float:
 
 
 def accuracy_benchmark(spec: TrainSpec, recipes: list, device: torch.device, precision: str,
-                       val_batches: int, log=print) -> dict[str, Any]:
-    """Fine-tune float and every QAT recipe, quantize the float model with every PTQ target, compare perplexity."""
+                       val_batches: int, log=print, progress=None) -> dict[str, Any]:
+    """Fine-tune float and every QAT recipe, quantize the float model with every PTQ target, compare perplexity.
+
+    ``progress(out)`` is called after every row with the results so far (the runner saves them).
+    """
+    progress = progress or (lambda out: None)
     from lit_qft import quantization as Q
     from lit_qft.models import build_model
 
@@ -59,8 +63,8 @@ def accuracy_benchmark(spec: TrainSpec, recipes: list, device: torch.device, pre
     float_ppl = _ppl(evaluate(float_model))
     out["rows"].append({"recipe": "float (fine-tuned)", "kind": "float", "ppl": float_ppl})
     log(f"  accuracy float fine-tuned: ppl {float_ppl:.3f}")
-
     out["rows"][0].update(memory_bytes=Q.model_size_bytes(float_model), disk_bytes=disk_bytes(float_model, dm.tokenizer, None))
+    progress(out)
 
     def ptq(recipe) -> tuple[float, dict[str, int]]:
         model = copy.deepcopy(float_model)
@@ -79,6 +83,7 @@ def accuracy_benchmark(spec: TrainSpec, recipes: list, device: torch.device, pre
                 p, sizes = ptq(recipe)
                 out["rows"].append({"recipe": name, "kind": "PTQ", "ppl": p, "degradation": p - float_ppl, **sizes})
                 log(f"  accuracy {name}: ppl {p:.3f}")
+                progress(out)
                 continue
             ptq_ppl, _ = ptq(recipe)
             module, _ = lit_fit(spec, recipe, dm, device, precision)
@@ -98,5 +103,6 @@ def accuracy_benchmark(spec: TrainSpec, recipes: list, device: torch.device, pre
         except Exception as e:  # one recipe failing must not sink the suite
             out["rows"].append({"recipe": name, "error": f"{type(e).__name__}: {e}"[:300]})
             log(f"  accuracy {name}: {type(e).__name__}: {e}")
+        progress(out)
         release(device)
     return out

@@ -38,8 +38,12 @@ def _losses(export: dict[str, Any]) -> tuple[float | None, float | None, float |
 
 
 def finetune_benchmark(spec: TrainSpec, device: torch.device, precision: str, val_batches: int,
-                       rank: int = 8, log=print) -> dict[str, Any]:
-    """Fit every fine-tuning variant in its own process; memory, speed and before/trained/final accuracy."""
+                       rank: int = 8, log=print, progress=None) -> dict[str, Any]:
+    """Fit every fine-tuning variant in its own process; memory, speed and before/trained/final accuracy.
+
+    ``progress(out)`` is called after every variant with the results so far (the runner saves them).
+    """
+    progress = progress or (lambda out: None)
     from lit_qft.lora import fine_tuning_variants
 
     out: dict[str, Any] = {"model": spec.pretrained or f"{spec.architecture} {spec.config_overrides}",
@@ -64,6 +68,7 @@ def finetune_benchmark(spec: TrainSpec, device: torch.device, precision: str, va
             row.update(error=res["error"], log_tail=res.get("log_tail", "")[-1500:])
             log(f"  finetune {name}: {res['error']}\n{res.get('log_tail', '')[-800:]}")
             out["rows"].append(row)
+            progress(out)
             continue
         export = res.get("export", {})
         before, trained, final = _losses(export)
@@ -80,4 +85,5 @@ def finetune_benchmark(spec: TrainSpec, device: torch.device, precision: str, va
         out["rows"].append(row)
         log(f"  finetune {name}: trainable {row['trainable_params']:,}, peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB, "
             f"{row['tokens_per_second']:.0f} tok/s, ppl trained {row['trained_ppl']:.3f} -> final {row['final_ppl']:.3f}")
+        progress(out)
     return out

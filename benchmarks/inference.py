@@ -119,7 +119,11 @@ def compile_selection(rows: list[dict], variant_list: list[Variant], how: str, t
         speed = {r["variant"]: r.get("eager_b1", {}).get("decode_tokens_per_second", 0) for r in rows if "error" not in r}
         main = variant_list[-1].dtype if variant_list else "fp32"
         quantized = [v for v in variant_list if v.recipe is not None and v.dtype == main and v.name in speed]
-        chosen += sorted(quantized, key=lambda v: -speed[v.name])[:top]
+        # one per quantization target: a head-policy twin decodes at the same speed and would waste a compile
+        best: dict[str, Variant] = {}
+        for v in sorted(quantized, key=lambda v: (-speed[v.name], v.recipe.embedding_policy != "float")):
+            best.setdefault(type(v.recipe).__name__, v)
+        chosen += list(best.values())[:top]
     return chosen
 
 
@@ -251,8 +255,11 @@ def measure_compiled(spec: InferSpec, variant: Variant, row: dict[str, Any], tok
 
 
 def inference_benchmark(spec: InferSpec, recipes: list, device: torch.device, compile_names: str = "auto",
-                        compile_top: int = 2, log=print) -> list[dict[str, Any]]:
-    """Measure every variant eagerly, then compile the selected ones; failures are recorded, not raised."""
+                        compile_top: int = 2, log=print, progress=None) -> list[dict[str, Any]]:
+    """Measure every variant eagerly, then compile the selected ones; failures are recorded, not raised.
+
+    ``progress(rows)`` is called after every measurement with the rows so far (the runner saves them).
+    """
     from lit_qft.assets import load_tokenizer
 
     torch._dynamo.config.fail_on_recompile_limit_hit = True
@@ -269,6 +276,7 @@ def inference_benchmark(spec: InferSpec, recipes: list, device: torch.device, co
                    "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
         log("  infer " + summarize(row))
+        _report(progress, rows)
     by_name = {r["variant"]: r for r in rows}
     for variant in compile_selection(rows, variant_list, compile_names if spec.compile else "none", compile_top,
                                      spec.compile_float):
@@ -277,10 +285,16 @@ def inference_benchmark(spec: InferSpec, recipes: list, device: torch.device, co
             continue
         measure_compiled(spec, variant, row, tokenizer, device)
         log("  infer " + summarize(row))
+        _report(progress, rows)
     for row in rows:
         for key in [k for k in row if k.startswith("_tokens")]:
             del row[key]
     return rows
+
+
+def _report(progress, rows: list[dict[str, Any]]) -> None:
+    if progress is not None:  # without the greedy tokens kept for the compiled-vs-eager check
+        progress([{k: v for k, v in r.items() if not k.startswith("_tokens")} for r in rows])
 
 
 def summarize(row: dict[str, Any]) -> str:

@@ -156,6 +156,9 @@ def markdown(res: dict, plots: list[str]) -> str:
               "full benchmark's and say little about real models.", ""]
     if res.get("notes"):
         L += [f"> {res['notes']}", ""]
+    if res.get("incomplete"):
+        L += [f"> **Stopped inside section(s) {', '.join(res['incomplete'])}**: their tables hold only the rows "
+              "measured before the stop (`--resume` this file with `--sections` to redo them).", ""]
     if res.get("bf16_skipped_reason"):
         L += [f"> bf16: {res['bf16_skipped_reason']}.", ""]
     L += [f"- Machine: {m.get('cpu')} ({m.get('logical_cpus')} logical CPUs, torch threads {m.get('torch_threads')}), "

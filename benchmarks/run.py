@@ -172,6 +172,37 @@ def resume(a, s: dict, command: str, stamp: str, device) -> tuple[Path, dict[str
     return path, results
 
 
+def run_section(results: dict[str, Any], section: str, job, out: Path, log=print) -> None:
+    """Run one section, saving the result file after every row it reports and when it ends.
+
+    While the section runs, ``results["incomplete"]`` names it: a run stopped there keeps the rows
+    measured so far, and the report marks the section as partial. A section that raises is recorded
+    in ``results["errors"]``; the other sections still run.
+    """
+    log(f"[{section}]")
+    incomplete = results.setdefault("incomplete", [])
+    if section not in incomplete:
+        incomplete.append(section)
+
+    def progress(partial) -> None:
+        results[section] = partial
+        save(results, out)
+
+    t0 = time.perf_counter()
+    try:
+        results[section] = job(progress)
+        incomplete.remove(section)
+        results["errors"].pop(section, None)
+    except Exception as e:  # keep the other sections' results
+        import traceback
+
+        results["errors"][section] = f"{type(e).__name__}: {e}"
+        log(traceback.format_exc())
+    results["section_seconds"][section] = round(time.perf_counter() - t0, 1)
+    log(f"[{section}] {results['section_seconds'][section]:.0f} s")
+    save(results, out)
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description="lit-qft benchmark suite (accuracy, throughput, memory, size).")
     p.add_argument("--quick", action="store_true", help="tiny models, a few steps (minutes); the smoke-test mode")
@@ -245,37 +276,24 @@ def main(argv: list[str] | None = None) -> Path:
     from benchmarks import accuracy, finetune, inference, tasks, training
     from lit_qft import quantization as Q
 
-    jobs = {
-
-        "train": lambda: training.recipe_throughput(s["train"], recipes, device, s["train_precisions"],
-                                                    s["train_rounds"], log=log),
-        "framework": lambda: training.framework_comparison(s["train"], device, s["framework_rounds"],
-                                                           s["framework_precisions"], log=log),
-        "memory": lambda: training.memory_probes(s["memory_spec"], recipes, device, "32-true", log=log),
-        "inference": lambda: inference.inference_benchmark(s["inference"], recipes, device, compile_names,
-                                                           s["compile_top"], log=log),
-        "accuracy": lambda: accuracy.accuracy_benchmark(s["accuracy"], recipes, device, s["accuracy_precision"],
-                                                        s["val_batches"], log=log),
-        "finetune": lambda: finetune.finetune_benchmark(s["finetune"], device, s["accuracy_precision"],
-                                                        s["finetune_val_batches"], log=log),
-        "tasks": lambda: tasks.task_benchmark(s["tasks"], Q.QAT8da4w(group_size=32), [Q.PTQInt8WeightOnly()], device,
-                                              s["accuracy_precision"], log=log),
+    jobs = {  # each takes ``progress``: the section's results so far, saved as they grow
+        "train": lambda progress: training.recipe_throughput(s["train"], recipes, device, s["train_precisions"],
+                                                             s["train_rounds"], log=log),
+        "framework": lambda progress: training.framework_comparison(s["train"], device, s["framework_rounds"],
+                                                                    s["framework_precisions"], log=log),
+        "memory": lambda progress: training.memory_probes(s["memory_spec"], recipes, device, "32-true", log=log),
+        "inference": lambda progress: inference.inference_benchmark(s["inference"], recipes, device, compile_names,
+                                                                    s["compile_top"], log=log, progress=progress),
+        "accuracy": lambda progress: accuracy.accuracy_benchmark(s["accuracy"], recipes, device, s["accuracy_precision"],
+                                                                 s["val_batches"], log=log, progress=progress),
+        "finetune": lambda progress: finetune.finetune_benchmark(s["finetune"], device, s["accuracy_precision"],
+                                                                 s["finetune_val_batches"], log=log, progress=progress),
+        "tasks": lambda progress: tasks.task_benchmark(s["tasks"], Q.QAT8da4w(group_size=32), [Q.PTQInt8WeightOnly()],
+                                                       device, s["accuracy_precision"], log=log, progress=progress),
     }
     for section in SECTIONS:
-        if section not in a.sections:
-            continue
-        log(f"[{section}]")
-        t0 = time.perf_counter()
-        try:
-            results[section] = jobs[section]()
-        except Exception as e:  # keep the other sections' results
-            import traceback
-
-            results["errors"][section] = f"{type(e).__name__}: {e}"
-            log(traceback.format_exc())
-        results["section_seconds"][section] = round(time.perf_counter() - t0, 1)
-        log(f"[{section}] {results['section_seconds'][section]:.0f} s")
-        save(results, out)
+        if section in a.sections:
+            run_section(results, section, jobs[section], out, log)
     rates_end = measure.matmul_rate(device, torch.float32)
     results["matmul_flops_fp32_end"] = rates_end
     results["machine"]["load_average_end"] = measure.load_average()

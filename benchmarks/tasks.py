@@ -96,16 +96,21 @@ def _quantized_copy(float_module, spec: TaskSpec, recipe, dm):
 
 
 def task_benchmark(specs: list[TaskSpec], qat_recipe, ptq_recipes: list, device: torch.device, precision: str,
-                   log=print) -> list[dict[str, Any]]:
-    """Float, PTQ and QAT task metrics for every task in ``specs``."""
+                   log=print, progress=None) -> list[dict[str, Any]]:
+    """Float, PTQ and QAT task metrics for every task in ``specs``.
+
+    ``progress(out)`` is called after every row with the results so far (the runner saves them).
+    """
     from lit_qft import quantization as Q
 
-    out = []
+    out: list[dict[str, Any]] = []
+    progress = progress or (lambda out: None)
     for spec in specs:
         dm = _datamodule(spec)
         res: dict[str, Any] = {"task": spec.task, "model": spec.pretrained or f"{spec.architecture} {spec.config_overrides}",
                                "steps": spec.steps, "val_examples": spec.val_batches * spec.data.get("batch_size", 16),
                                "metrics": list(TASK_METRICS[spec.task]), "rows": []}
+        out.append(res)
 
         def row(name: str, kind: str, module) -> None:
             try:
@@ -115,6 +120,7 @@ def task_benchmark(specs: list[TaskSpec], qat_recipe, ptq_recipes: list, device:
             except Exception as e:  # one model failing must not sink the suite
                 res["rows"].append({"model": name, "kind": kind, "error": f"{type(e).__name__}: {e}"[:300]})
                 log(f"  task {spec.task} {name}: {type(e).__name__}: {e}")
+            progress(out)
 
         if spec.pretrained:
             row("pretrained (no fine-tuning)", "pretrained", _pretrained(spec, dm))
@@ -133,7 +139,6 @@ def task_benchmark(specs: list[TaskSpec], qat_recipe, ptq_recipes: list, device:
         row(f"{recipe_name(qat_recipe)} converted", "QAT", qat_module)
         del qat_module
         release(device)
-        out.append(res)
     return out
 
 

@@ -178,6 +178,48 @@ def test_resume_adds_sections_to_an_earlier_run_of_the_same_mode(tmp_path):
         run.resume(run.parse_args(["--resume", str(tmp_path / "nope.json")]), {}, "c", "T3", torch.device("cpu"))
 
 
+def test_a_section_is_saved_row_by_row_and_a_stopped_one_is_marked(tmp_path):
+    from benchmarks import run
+
+    out = tmp_path / "r.json"
+    results = {"settings": {"mode": "full"}, "machine": {}, "section_seconds": {}, "errors": {}}
+    on_disk = []
+
+    def stopped(progress):
+        progress({"rows": [{"recipe": "float", "kind": "float", "ppl": 28.1}]})
+        on_disk.append(json.loads(out.read_text()))  # what a kill at this moment would leave
+        raise RuntimeError("killed")
+
+    run.run_section(results, "accuracy", stopped, out, log=lambda m: None)
+    assert on_disk[0]["accuracy"]["rows"][0]["ppl"] == 28.1 and on_disk[0]["incomplete"] == ["accuracy"]
+    saved = json.loads(out.read_text())
+    assert saved["accuracy"]["rows"] == [{"recipe": "float", "kind": "float", "ppl": 28.1}]
+    assert saved["incomplete"] == ["accuracy"] and "RuntimeError: killed" in saved["errors"]["accuracy"]
+    assert "Stopped inside section(s) accuracy" in report.markdown(saved, [])
+
+    run.run_section(results, "accuracy", lambda progress: {"rows": [{"recipe": "float", "kind": "float", "ppl": 28.0}]}, out,
+                    log=lambda m: None)  # redone (--resume): complete again
+    saved = json.loads(out.read_text())
+    assert saved["incomplete"] == [] and saved["errors"] == {} and saved["accuracy"]["rows"][0]["ppl"] == 28.0
+    assert "Stopped inside" not in report.markdown(saved, [])
+
+
+def test_auto_compile_picks_the_fastest_distinct_quantized_targets():
+    from benchmarks.inference import compile_selection, variants
+    from lit_qft import quantization as Q
+
+    vl = variants([Q.NoQuantization(), Q.PTQInt8WeightOnly(), Q.PTQInt4WeightOnly(), Q.PTQNF4WeightOnly()],
+                  dtypes=("fp32",))
+    speed = {"PTQInt8WeightOnly": 6.1, "PTQInt4WeightOnly": 4.0, "PTQNF4WeightOnly": 1.3}
+    # a head-policy twin is as fast as its default row: compiling it too would waste minutes on the same target
+    rows = [{"variant": v.name, "eager_b1": {"decode_tokens_per_second": speed.get(type(v.recipe).__name__, 9.8)}}
+            for v in vl]
+    chosen = compile_selection(rows, vl, "auto", top=2, float_dtypes=("fp32",))
+    assert [(type(v.recipe).__name__ if v.recipe else None, getattr(v.recipe, "embedding_policy", None))
+            for v in chosen] == [(None, None), ("PTQInt8WeightOnly", "float"), ("PTQInt4WeightOnly", "float")]
+    assert compile_selection(rows, vl, "none", 2) == [] and len(compile_selection(rows, vl, "all", 2)) == len(vl)
+
+
 @pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path):
     """``python benchmarks/run.py --quick``: every section runs, nothing errors, the report and plots are written."""
