@@ -109,12 +109,14 @@ def targets(res: dict) -> list[dict[str, Any]]:
         if r.get("recipe") in res.get("qat_recipes", []) and "error" not in r and r.get("step_time_vs_float"):
             v = r["step_time_vs_float"]
             add(f"{r['recipe']} step time vs float ({r['precision']})", "<= 1.15x", _x(v), v <= 1.15)
+    default = res.get("inference_default")  # what `lit-qft generate` picks on this machine
     for mode in ("compiled", "eager"):
         best = best_quantized_decode(res, mode)
         f32, fbf = inference_float(res, "fp32"), inference_float(res, "bf16")
         if best and f32 and _decode(f32, mode):
             v = _decode(best, mode) / _decode(f32, mode)
-            add(f"quantized decode, batch 1, {mode}: best variant vs fp32", ">= 3.00x", _x(v), v >= 3.0, best["variant"])
+            add(f"quantized decode, batch 1, {mode}: best variant vs fp32", ">= 3.00x", _x(v), v >= 3.0,
+                best["variant"] + (f"; `lit-qft generate` default here: {default}" if default else ""))
         if best and fbf and _decode(fbf, mode):
             v = _decode(best, mode) / _decode(fbf, mode)
             add(f"quantized decode, batch 1, {mode}: best variant vs bf16", ">= 1.40x", _x(v), v >= 1.4, best["variant"])

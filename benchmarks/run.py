@@ -291,6 +291,10 @@ def main(argv: list[str] | None = None) -> Path:
         "tasks": lambda progress: tasks.task_benchmark(s["tasks"], Q.QAT8da4w(group_size=32), [Q.PTQInt8WeightOnly()],
                                                        device, s["accuracy_precision"], log=log, progress=progress),
     }
+    if "inference" in a.sections:  # the setup `lit-qft generate` chooses by default on this machine
+        from lit_qft.generate import choose_inference
+
+        results["inference_default"] = choose_inference(device.type).describe()
     for section in SECTIONS:
         if section in a.sections:
             run_section(results, section, jobs[section], out, log)

@@ -5,15 +5,22 @@ From the command line::
     lit-qft generate --model_dir outputs/quickstart/quantized --prompt "In the beginning" \\
         --max_new_tokens 64 --temperature 0.8 --top_k 50 --seed 0
 
-``--temperature 0`` (the default) is greedy decoding. ``--compile true`` wraps the forward pass in
-``torch.compile`` (a warm-up generation is run first and not timed); it is off by default because
-compiling takes minutes on CPU and only pays for long generations.
+``--temperature 0`` (the default) is greedy decoding.
+
+How the model runs is chosen for the hardware unless given (``--dtype``, ``--compile``, ``--device``):
+where bf16 is native (a CUDA GPU with bf16, or a CPU with AVX-512 BF16 / AMX) the model runs in bf16
+and compiled (static KV cache, ``torch.compile(fullgraph=True, dynamic=False)``, a warm-up generation
+first): int8 weight-only kernels beat the float matvec only with bf16 activations (3.02x fp32 measured
+on GPT-2 small, compiled, AVX-512 BF16). Elsewhere it runs fp32 and eager: with emulated bf16 a bf16
+matmul runs at ~1 % of fp32's speed, and on an AVX2-only CPU the compiled quantized models decoded
+no faster than eager (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -34,9 +41,63 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (elsewhere bf16 is emulated, ~100x slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+@dataclass(frozen=True)
+class InferenceSetup:
+    """How a model is run for generation: device, dtype, compiled or not, and why."""
+
+    device: torch.device
+    dtype: torch.dtype
+    compile: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.device.type} {str(self.dtype).removeprefix('torch.')} {'compiled' if self.compile else 'eager'} ({self.reason})"
+
+
+def choose_inference(device: str = "auto", dtype: str = "auto", compile: bool | None = None) -> InferenceSetup:
+    """Resolve ``auto`` settings for the hardware: bf16 + compile where bf16 is native, else fp32 eager.
+
+    Explicit choices are kept as given (e.g. ``dtype="bf16"`` on a CPU that emulates it).
+    """
+    if dtype not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--dtype={dtype!r}: use auto, fp32 or bf16")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    native = native_bf16(dev)
+    why = "native bf16" if native else "no native bf16 on this device"
+    chosen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, torch.bfloat16 if native else torch.float32)
+    chosen_compile = native if compile is None else compile
+    given = [f"{k} given" for k, v in (("dtype", dtype != "auto"), ("compile", compile is not None)) if v]
+    return InferenceSetup(dev, chosen_dtype, chosen_compile, ", ".join([why, *given]))
+
+
 def compile_for_inference(model: nn.Module) -> nn.Module:
-    """Compile ``model``'s forward in place (dynamic shapes: the sequence grows while decoding)."""
-    model.forward = torch.compile(model.forward, dynamic=True)
+    """Compile ``model``'s forward in place for decoding with a static KV cache.
+
+    One graph for the prefill and one for the one-token decode steps (``dynamic=False``: every
+    decode step has the same shapes with a static cache); ``fullgraph=True`` makes a graph break an
+    error instead of a silent slow path. CUDA graphs (``reduce-overhead``) on GPU.
+    """
+    device = next(model.parameters()).device
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False,
+                                  mode="reduce-overhead" if device.type == "cuda" else None)
+    model._lit_qft_compiled = True
+    return model
+
+
+def prepare_for_inference(model: nn.Module, setup: InferenceSetup) -> nn.Module:
+    """Move ``model`` to the chosen device and dtype (quantized weights keep their format), compile if chosen."""
+    model.to(device=setup.device, dtype=setup.dtype).eval()
+    if setup.compile:
+        compile_for_inference(model)
     return model
 
 
@@ -73,6 +134,8 @@ def generate(
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
+    if getattr(model, "_lit_qft_compiled", False):  # fixed shapes per step: no recompiles while decoding
+        sampling["cache_implementation"] = "static"
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad,
         top_p=None, **sampling,
@@ -89,7 +152,9 @@ def generate_command(
     temperature: float = 0.0,
     top_k: int | None = 50,
     seed: int = 0,
-    compile: bool = False,
+    dtype: Literal["auto", "fp32", "bf16"] = "auto",
+    compile: bool | None = None,
+    device: str = "auto",
 ) -> Generation:
     """Generate text with a quantized model folder (from fit's export or ``lit-qft convert``); prints tokens/s.
 
@@ -100,18 +165,22 @@ def generate_command(
         temperature: 0 for greedy decoding, > 0 to sample.
         top_k: Sample among the top-k tokens (null: all).
         seed: Random seed for sampling.
-        compile: ``torch.compile`` the model first (slow to start; off by default on CPU).
+        dtype: Activations and float weights: auto (bf16 where the hardware has native bf16, else fp32), fp32, bf16.
+        compile: ``torch.compile`` with a static KV cache (a warm-up generation compiles first). Default
+            (null): where bf16 is native; on other CPUs compiling takes minutes and did not speed up decoding.
+        device: auto (CUDA when present), cpu, cuda.
     """
-    model, tokenizer, recipe = load_quantized(model_dir)
-    if compile:
-        compile_for_inference(model)
+    setup = choose_inference(device, dtype, compile)
+    model, tokenizer, recipe = load_quantized(model_dir, device=setup.device)
+    prepare_for_inference(model, setup)
+    if setup.compile:
         generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)  # warm-up: compiles
     result = generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
     print(prompt + result.text)
     print(
         f"lit-qft: {result.new_tokens} new tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tokens/s "
-        f"({type(recipe).__name__}, {'greedy' if temperature == 0 else f'sampling T={temperature}'}"
-        f"{', compiled' if compile else ''})",
+        f"({type(recipe).__name__}, {'greedy' if temperature == 0 else f'sampling T={temperature}'}, "
+        f"{setup.describe()})",
         flush=True,
     )
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import lightning as L
 import pytest
@@ -16,10 +17,11 @@ from lit_qft.cli import main
 from lit_qft.convert import convert_checkpoint
 from lit_qft.data import LanguageModelingDataModule
 from lit_qft.export import load_quantized
-from lit_qft.generate import compile_for_inference, generate
+from lit_qft.generate import choose_inference, compile_for_inference, generate, generate_command
 from lit_qft.module import LitCausalLM
 
 STEPS = 8
+G = sys.modules["lit_qft.generate"]  # the module (``lit_qft.generate`` the attribute is the function)
 
 
 def _fit(root, recipe, precision="32-true"):
@@ -105,6 +107,12 @@ def test_cli_convert_and_generate(run, tmp_path, capsys):
     main(["generate", f"--model_dir={tmp_path / 'q'}", "--prompt=the light", "--max_new_tokens=5"])
     out = capsys.readouterr().out
     assert "5 new tokens" in out and "tokens/s" in out and "QAT8da4w" in out
+    main(["generate", f"--model_dir={tmp_path / 'q'}", "--prompt=the light", "--max_new_tokens=2", "--dtype=bf16",
+          "--compile=false", "--device=cpu"])
+    assert "cpu bfloat16 eager (" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # jsonargparse names the choices
+        main(["generate", f"--model_dir={tmp_path / 'q'}", "--prompt=x", "--dtype=fp16"])
+    assert exc.value.code == 2
 
 
 def test_cli_generate_bad_input_is_one_line(tmp_path, capsys):
@@ -112,6 +120,42 @@ def test_cli_generate_bad_input_is_one_line(tmp_path, capsys):
         main(["generate", f"--model_dir={tmp_path}", "--prompt=x"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("lit-qft: error: ")
+
+
+def test_inference_defaults_follow_the_hardware(monkeypatch):
+    monkeypatch.setattr(G, "native_bf16", lambda device: True)  # an AVX-512 BF16 / AMX CPU, or a bf16 GPU
+    fast = choose_inference("cpu")
+    assert (fast.dtype, fast.compile) == (torch.bfloat16, True) and fast.reason == "native bf16"
+    monkeypatch.setattr(G, "native_bf16", lambda device: False)  # AVX2 only: bf16 emulated at ~1 % of fp32
+    plain = choose_inference("cpu")
+    assert (plain.dtype, plain.compile) == (torch.float32, False)
+    given = choose_inference("cpu", dtype="bf16", compile=True)  # explicit choices win
+    assert (given.dtype, given.compile) == (torch.bfloat16, True) and "dtype given, compile given" in given.reason
+    with pytest.raises(ValueError, match="--dtype='fp16': use auto, fp32 or bf16"):
+        choose_inference("cpu", dtype="fp16")
+
+
+def test_generate_in_bf16_keeps_quantized_weights_and_says_how_it_ran(run, capsys):
+    root, _ = run
+    result = generate_command(str(root / "exported"), "the light", max_new_tokens=4, dtype="bf16", compile=False,
+                              device="cpu")
+    out = capsys.readouterr().out
+    assert result.new_tokens == 4 and "cpu bfloat16 eager" in out and "dtype given" in out
+    model, _, _ = load_quantized(root / "exported")
+    before = sorted(Q.quantized_modules(model))
+    G.prepare_for_inference(model, choose_inference("cpu", dtype="bf16", compile=False))
+    assert sorted(Q.quantized_modules(model)) == before != []  # the cast keeps every quantized weight
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_generation_matches_eager(run):
+    root, _ = run
+    eager = generate_command(str(root / "exported"), "the light", max_new_tokens=8, dtype="fp32", compile=False,
+                             device="cpu")
+    compiled = generate_command(str(root / "exported"), "the light", max_new_tokens=8, dtype="fp32", compile=True,
+                                device="cpu")
+    assert compiled.text == eager.text and compiled.new_tokens == 8
 
 
 @pytest.mark.slow
