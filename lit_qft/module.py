@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 
 from lit_qft import quantization as Q
 from lit_qft.assets import load_tokenizer
-from lit_qft.lora import LoraSettings, add_lora, merge_and_quantize
+from lit_qft.lora import LoraSettings, add_lora, float_base_weights, merge_and_quantize
 from lit_qft.memory import TrainingMemory
 from lit_qft.init import InitScheme, apply_init
 from lit_qft.optim import (
@@ -163,11 +163,33 @@ class LitCausalLM(L.LightningModule):
         if not self.converted:
             self.model._compiled_call_impl = None  # back to eager: the converted layers are new modules
             if self.lora is not None:  # merge the adapters, then (re-)quantize
-                self.model = merge_and_quantize(self.model, self.recipe)
+                floats = self._float_base_weights()
+                self.merged_through_float = len(floats)
+                self.model = merge_and_quantize(self.model, self.recipe, floats)
             else:
                 Q.convert(self.model, self.recipe)
             self.converted = True
         return self.model
+
+    def _float_base_weights(self) -> dict[str, torch.Tensor]:
+        """For LoRA over a PTQ base: the pretrained float weights the base was quantized from.
+
+        Rebuilt from ``pretrained`` (not kept during training: a quantized base is there to save that
+        memory) so the adapters merge into float weights, not onto the quantization grid
+        (:func:`lit_qft.lora.merge_and_quantize`). Empty for QAT/float bases (their weights are
+        float already) and for bases built from random initialization (nothing to rebuild them from).
+        """
+        hp = self.hparams
+        if not (self.recipe.quantizes and not self.recipe.qat and hp.pretrained):
+            return {}
+        reference = self.task.build_model(
+            hp.pretrained, hp.architecture, hp.config_overrides, vocab_size=len(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id, trust_remote_code=hp.trust_remote_code,
+        )
+        with torch.random.fork_rng():  # a re-initialization draws random numbers: keep the run's stream
+            apply_init(reference, hp.get("init"), hp.pretrained, hp.get("reinit_top_k", 0), hp.get("classifier_init_std"))
+        Q.prepare(reference, self.recipe)  # the same Conv1D swap and head policy: the same layout and names
+        return float_base_weights(self.model, reference)
 
     def configure_callbacks(self):
         # trainable parameters at fit start, peak training memory at the end (every recipe, LoRA or not)

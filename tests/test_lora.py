@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 
 from lit_qft import quantization as Q
 from lit_qft.export import load_quantized, save_quantized
-from lit_qft.lora import LoraSettings, add_lora, load_adapters, merge_and_quantize, save_adapters
+from lit_qft.lora import LoraSettings, add_lora, float_base_weights, load_adapters, merge_and_quantize, save_adapters
 from lit_qft.memory import parameter_counts
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -182,6 +182,56 @@ def test_int8_merge_requantizes_the_dequantized_weight_plus_delta():
     assert (Q.dequantize_weight(got) - want).abs().le(step / 2 + 1e-6).all()
 
 
+def _small_update_lora(recipe_name: str):
+    """A LoRA model whose adapters move each weight by ~1/4 of an int8 step: all of it rounds away on the grid."""
+    float_model = build("llama")
+    reference = {n: m.weight.detach().clone() for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    model = add_lora(float_model, RECIPES[recipe_name], LoraSettings(rank=4, alpha=4, dropout=0.0), prepared=False)
+    g = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            w = reference[next(n for n in reference if module is model.get_submodule("base_model.model." + n))]
+            step = w.abs().amax(dim=1, keepdim=True) / 127
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
+            b.copy_(torch.randn(b.shape, generator=g) * (0.25 * step) / (a.shape[0] ** 0.5))
+    return model
+
+
+@pytest.mark.parametrize("recipe_name", ["int8", "nf4"])
+def test_merging_a_ptq_base_through_its_float_weights_keeps_small_updates(recipe_name):
+    """Updates of a quarter int8 step: merged onto the dequantized grid they round away (kept share ~0);
+    merged into the float weights they survive re-quantization in expectation (kept share ~1), like a
+    PTQ of fully fine-tuned weights. Kept share = least-squares slope of (merged - base) on the update."""
+    with torch.no_grad():
+        adapters = _small_update_lora(recipe_name)
+        reference = Q.prepare(build("llama"), RECIPES[recipe_name])  # the pretrained float base, rebuilt
+        floats = float_base_weights(adapters, reference)
+        assert len(floats) == N_LINEAR["llama"]  # every adapted layer found its float weight
+        before = {n: (Q.dequantize_weight(m.get_base_layer().weight), m.get_delta_weight("default"))
+                  for n, m in adapters.named_modules() if isinstance(m, LoraLayer)}
+        on_grid = merge_and_quantize(_small_update_lora(recipe_name), RECIPES[recipe_name])
+        via_float = merge_and_quantize(adapters, RECIPES[recipe_name], floats)
+
+    def kept(merged) -> float:
+        num = den = 0.0
+        for name, (base, delta) in before.items():
+            w = Q.dequantize_weight(merged.get_submodule(name.removeprefix("base_model.model.")).weight)
+            num += float(((w - base) * delta).sum())
+            den += float((delta * delta).sum())
+        return num / den
+
+    assert kept(on_grid) < 0.25
+    assert 0.75 < kept(via_float) < 1.25
+
+
+def test_float_weights_of_another_model_are_not_used_for_merging():
+    adapters = lora_model("llama", "int8")
+    torch.manual_seed(123)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=512, tie_word_embeddings=True, **TINY_LLAMA))
+    assert float_base_weights(adapters, Q.prepare(other, RECIPES["int8"])) == {}
+
+
 def test_trainable_parameter_count_and_settings_errors():
     model = lora_model("gpt2", "int8", rank=4)
     trainable, total = parameter_counts(model)
@@ -237,6 +287,24 @@ def test_cli_int8_lora_fit_saves_adapters_and_merged_model(tmp_path, text_file, 
     model, _, recipe = load_quantized(tmp_path / "quantized")
     assert type(recipe).__name__ == "PTQInt8WeightOnly" and len(Q.quantized_modules(model)) == 8
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_lora_over_a_pretrained_ptq_base_merges_into_its_float_weights(tmp_path, text_file, capsys):
+    from lit_qft.cli import build_cli
+
+    torch.manual_seed(0)  # a local "pretrained" GPT-2 folder (vocab = the GPT-2 tokenizer's)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_layer=2, n_embd=64, n_head=4, n_positions=64)).save_pretrained(
+        tmp_path / "pretrained")
+    args = [a for a in lora_fit_args(tmp_path, text_file, "PTQInt8WeightOnly", steps=6)
+            if not a.startswith("--model.config_overrides")] + [f"--model.pretrained={tmp_path / 'pretrained'}"]
+    cli = build_cli(args)
+    out = capsys.readouterr().out
+    report = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "QuantizedExport").report
+    # every adapted layer (Conv1D swapped to Linear in both the base and the rebuilt reference) merged in float
+    assert report["merged_through_float_layers"] == 8 == report["quantized_modules"]
+    assert "merged into the pretrained float weights (8 layers)" in out
+    assert report["adapter_loss"] < report["base_loss"] - 0.1
+    assert abs(report["merged_loss"] - report["adapter_loss"]) < 0.05
 
 
 def test_cli_refuses_bad_lora_settings(tmp_path, text_file):
