@@ -291,6 +291,10 @@ def main(argv: list[str] | None = None) -> Path:
         "tasks": lambda progress: tasks.task_benchmark(s["tasks"], Q.QAT8da4w(group_size=32), [Q.PTQInt8WeightOnly()],
                                                        device, s["accuracy_precision"], log=log, progress=progress),
     }
+    if "framework" in a.sections:  # the precision `lit-qft fit` uses by default on this machine
+        from lit_qft.runtime import default_precision
+
+        results["fit_default_precision"] = default_precision()
     if "inference" in a.sections:  # the setup `lit-qft generate` chooses by default on this machine
         from lit_qft.generate import choose_inference
 

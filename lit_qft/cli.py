@@ -16,7 +16,7 @@ from lit_qft.checks import argument_error_line, check_strategy
 from lit_qft.module import LitCausalLM
 from lit_qft.quantization import Recipe
 from lit_qft.resume import DEFAULT_EVERY_N_STEPS, checkpoint_load_error, resume_callbacks
-from lit_qft.runtime import tune_glibc_allocator
+from lit_qft.runtime import default_precision, tune_glibc_allocator
 
 # Errors a user can fix from the command line or YAML; shown as one line instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError, PermissionError)
@@ -79,6 +79,8 @@ def build_cli(args: list[str] | None = None, run: bool = True, exit_on_error: bo
         L.LightningDataModule,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        # bf16-mixed where the hardware has native bf16, fp32 elsewhere; shown in --help, saved in config.yaml
+        trainer_defaults={"precision": default_precision()},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

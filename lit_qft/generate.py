@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lit_qft import runtime
 from lit_qft.export import load_quantized
 
 
@@ -39,15 +40,6 @@ class Generation:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware (elsewhere bf16 is emulated, ~100x slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ def choose_inference(device: str = "auto", dtype: str = "auto", compile: bool | 
     if dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"--dtype={dtype!r}: use auto, fp32 or bf16")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
-    native = native_bf16(dev)
+    native = runtime.native_bf16(dev)
     why = "native bf16" if native else "no native bf16 on this device"
     chosen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, torch.bfloat16 if native else torch.float32)
     chosen_compile = native if compile is None else compile

@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `lit-qft fit` defaults to bf16-mixed on hardware with native bf16: pin fp32 so every machine checks the same numbers
+os.environ.setdefault("LIT_QFT_DEFAULT_PRECISION", "32-true")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 #: GPT-2 shapes small enough for CPU tests; group sizes 16/32 divide 64 and 256.

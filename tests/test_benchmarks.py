@@ -101,6 +101,7 @@ def _synthetic_results() -> dict:
         "framework": [
             {"tool": "HF Trainer", "precision": "fp32", "step_seconds": 1.0, "tokens_per_second": 100.0, "flops_per_token": 1e6},
             {"tool": "lit-qft fit", "precision": "fp32", "step_seconds": 0.8, "tokens_per_second": 130.0, "flops_per_token": 1e6},
+            {"tool": "lit-qft fit", "precision": "bf16", "step_seconds": 0.6, "tokens_per_second": 170.0, "flops_per_token": 1e6},
         ],
         "train": [
             {"recipe": "NoQuantization", "precision": "32-true", "step_seconds": 1.0, "tokens_per_second": 750.0,
@@ -130,8 +131,13 @@ def _synthetic_results() -> dict:
 def test_report_targets_are_computed_from_the_numbers(tmp_path):
     res = _synthetic_results()
     t = {row["target"]: row for row in report.targets(res)}
-    hf = t["default `lit-qft fit` vs HF Trainer script (tokens/s, both at their default fp32)"]
+    hf = t["default `lit-qft fit` (32-true here) vs HF Trainer script at its default fp32 (tokens/s)"]
     assert (hf["measured"], hf["met"]) == ("1.30x", True)
+    # where bf16 is native, lit-qft's default is bf16-mixed and that is the row compared with HF's fp32
+    bf16_default = {r["target"]: r for r in report.targets({**res, "fit_default_precision": "bf16-mixed"})}
+    row = bf16_default["default `lit-qft fit` (bf16-mixed here) vs HF Trainer script at its default fp32 (tokens/s)"]
+    assert (row["measured"], row["met"]) == ("1.70x", True)
+    assert "`lit-qft fit` bf16-mixed vs HF Trainer default fp32" not in bf16_default
     mfu = t["float fp32 training step, share of measured fp32 matmul rate (MFU)"]
     assert (mfu["measured"], mfu["met"]) == ("75 %", True)
     qat = t["QAT8da4w step time vs float (32-true)"]

@@ -89,3 +89,19 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path):
     assert out.returncode == 2
     assert "lit-qft: error: --data.source: file" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_default_precision_follows_the_hardware(tmp_path, text_file, monkeypatch):
+    from lit_qft import runtime
+
+    monkeypatch.delenv("LIT_QFT_DEFAULT_PRECISION")  # the suite pins it; here the hardware decides
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)  # AVX-512 BF16 / AMX CPU or bf16 GPU
+    assert runtime.default_precision() == "bf16-mixed"
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)  # AVX2 only: bf16 is emulated
+    assert runtime.default_precision() == "32-true"
+    monkeypatch.setenv("LIT_QFT_DEFAULT_PRECISION", "bf16-mixed")
+    args = fit_args(tmp_path, text_file, "PTQInt8WeightOnly", steps=1)[1:]  # run=False: no subcommand
+    cli = build_cli(args, run=False)
+    assert cli.config.trainer.precision == "bf16-mixed" and cli.trainer.precision == "bf16-mixed"
+    cli = build_cli([*args, "--trainer.precision=32-true"], run=False)  # an explicit choice wins
+    assert cli.trainer.precision == "32-true"

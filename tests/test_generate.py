@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import TINY_GPT2, make_text
 from lit_qft import quantization as Q
+from lit_qft import runtime
 from lit_qft.callbacks import QuantizedExport
 from lit_qft.cli import main
 from lit_qft.convert import convert_checkpoint
@@ -123,10 +124,10 @@ def test_cli_generate_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_inference_defaults_follow_the_hardware(monkeypatch):
-    monkeypatch.setattr(G, "native_bf16", lambda device: True)  # an AVX-512 BF16 / AMX CPU, or a bf16 GPU
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)  # an AVX-512 BF16 / AMX CPU, or a bf16 GPU
     fast = choose_inference("cpu")
     assert (fast.dtype, fast.compile) == (torch.bfloat16, True) and fast.reason == "native bf16"
-    monkeypatch.setattr(G, "native_bf16", lambda device: False)  # AVX2 only: bf16 emulated at ~1 % of fp32
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)  # AVX2 only: bf16 emulated at ~1 % of fp32
     plain = choose_inference("cpu")
     assert (plain.dtype, plain.compile) == (torch.float32, False)
     given = choose_inference("cpu", dtype="bf16", compile=True)  # explicit choices win
