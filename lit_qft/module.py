@@ -131,10 +131,7 @@ class LitCausalLM(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        self.model = self.task.build_model(
-            hp.pretrained, hp.architecture, hp.config_overrides, vocab_size=len(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id, trust_remote_code=hp.trust_remote_code,
-        )
+        self.model = self._build_model()
         check_compatible(self.model, self.tokenizer, self._trainer.datamodule if self._trainer else None)
         self.recipe = self.task.adapt_recipe(self.recipe)  # e.g. a classification head stays float
         if self.model.get_input_embeddings().num_embeddings < len(self.tokenizer):
@@ -143,7 +140,7 @@ class LitCausalLM(L.LightningModule):
                 f"{self.model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
             )
         # Initialization before prepare: QAT ranges (range_learning) start from these weights.
-        apply_init(self.model, hp.get("init"), hp.pretrained, hp.get("reinit_top_k", 0), hp.get("classifier_init_std"))
+        self._apply_init(self.model)
         Q.prepare(self.model, self.recipe)
         if self.lora is not None:  # quantized (or fake-quantized) frozen base + trainable adapters
             self.model = add_lora(self.model, self.recipe, self.lora)
@@ -152,6 +149,18 @@ class LitCausalLM(L.LightningModule):
         self.model.train(self.training)
         if self.hparams.get("compile"):
             self.model.compile()  # in place: same module, same state_dict keys
+
+    def _build_model(self) -> torch.nn.Module:
+        """The task's HF model, float, as configured (pretrained weights or a fresh config)."""
+        hp = self.hparams
+        return self.task.build_model(
+            hp.pretrained, hp.architecture, hp.config_overrides, vocab_size=len(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id, trust_remote_code=hp.trust_remote_code,
+        )
+
+    def _apply_init(self, model: torch.nn.Module) -> None:
+        hp = self.hparams
+        apply_init(model, hp.get("init"), hp.pretrained, hp.get("reinit_top_k", 0), hp.get("classifier_init_std"))
 
     @property
     def context_length(self) -> int:
@@ -182,12 +191,9 @@ class LitCausalLM(L.LightningModule):
         hp = self.hparams
         if not (self.recipe.quantizes and not self.recipe.qat and hp.pretrained):
             return {}
-        reference = self.task.build_model(
-            hp.pretrained, hp.architecture, hp.config_overrides, vocab_size=len(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id, trust_remote_code=hp.trust_remote_code,
-        )
+        reference = self._build_model()
         with torch.random.fork_rng():  # a re-initialization draws random numbers: keep the run's stream
-            apply_init(reference, hp.get("init"), hp.pretrained, hp.get("reinit_top_k", 0), hp.get("classifier_init_std"))
+            self._apply_init(reference)
         Q.prepare(reference, self.recipe)  # the same Conv1D swap and head policy: the same layout and names
         return float_base_weights(self.model, reference)
 
