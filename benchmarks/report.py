@@ -143,7 +143,7 @@ def targets(res: dict) -> list[dict[str, Any]]:
             else:
                 met = rec >= 0.7
             add(f"{r['recipe']}: share of PTQ perplexity degradation QAT recovers ({res['accuracy'].get('model')})",
-                ">= 70 %", _f(100 * rec, ".0f") + " %" if rec is not None else "—", met, note)
+                ">= 70 %", _f(100 * rec, ".1f") + " %" if rec is not None else "—", met, note)
     compiled = [(r["variant"], v) for r in res.get("inference", []) for k, v in r.items() if k.startswith("compiled_b")]
     if compiled:
         bad = [n for n, v in compiled if "error" in v or v.get("dynamo", {}).get("unique_graphs", 0) == 0]
@@ -197,7 +197,7 @@ def markdown(res: dict, plots: list[str]) -> str:
                 rows.append([r["recipe"], "error", r["error"][:120], "", "", "", "", ""])
                 continue
             rows.append([r["recipe"], r["kind"], _f(r["ppl"], ".3f"), _f(r.get("degradation"), "+.3f"),
-                         _f(r.get("ptq_same_target_ppl"), ".3f"), _f(100 * r["recovered"], ".0f") + " %" if r.get("recovered") is not None else "—",
+                         _f(r.get("ptq_same_target_ppl"), ".3f"), _f(100 * r["recovered"], ".1f") + " %" if r.get("recovered") is not None else "—",
                          _mib(r.get("memory_bytes")), _mib(r.get("disk_bytes"))])
         L += _table(["recipe", "kind", "val ppl", "Δ vs float", "PTQ same target ppl", "QAT recovers", "weights MiB", "disk MiB"], rows)
 

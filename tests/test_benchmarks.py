@@ -147,7 +147,7 @@ def test_report_targets_are_computed_from_the_numbers(tmp_path):
     assert t["quantized decode, batch 1, compiled: best variant vs bf16"]["measured"] == "1.75x"
     assert t["quantized weights, share of fp32 bytes (smallest variant)"]["measured"] == "28 %"
     recovered = "QAT8da4w: share of PTQ perplexity degradation QAT recovers (m)"
-    assert (t[recovered]["measured"], t[recovered]["met"]) == ("75 %", None)  # quick mode: not a measurement
+    assert (t[recovered]["measured"], t[recovered]["met"]) == ("75.0 %", None)  # quick mode: not a measurement
     assert "quick mode" in t[recovered]["note"]
     full = {**res, "settings": {**res["settings"], "mode": "full"}}
     assert {r["target"]: r for r in report.targets(full)}[recovered]["met"] is True
