@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.measure import allocator_peak, median, recipe_name, reset_peak, sync
+from benchmarks.measure import allocator_peak, current_rss, median, peak_above, recipe_name, release, reset_peak, sync
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -186,7 +186,15 @@ def _dynamo_counters() -> dict[str, Any]:
     }
 
 
-def _measure(fwd, model, spec: InferSpec, batch: int, device, cache_factory, eager_tokens=None) -> dict[str, Any]:
+def _baseline(device) -> int | None:
+    """Memory before a variant is built (freed memory of earlier variants returned first)."""
+    release(device)
+    reset_peak(device)
+    return current_rss() if torch.device(device).type == "cpu" else None
+
+
+def _measure(fwd, model, spec: InferSpec, batch: int, device, cache_factory, eager_tokens=None,
+             baseline: int | None = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(spec.seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch, spec.prompt_len), generator=gen).to(device)
     cache = cache_factory(batch)
@@ -205,6 +213,8 @@ def _measure(fwd, model, spec: InferSpec, batch: int, device, cache_factory, eag
         "batch": batch, "prefill_tokens_per_second": batch * spec.prompt_len / prefill,
         "decode_tokens_per_second": batch * (spec.new_tokens - 1) / decode,
         "first_run_seconds": runs[0][0] + runs[0][1], "allocator_peak_bytes": allocator_peak(device),
+        # weights + KV cache + activations at their peak (CPU: peak RSS above the process before the model)
+        "peak_memory_bytes": peak_above(device, baseline),
         "tokens": runs[-1][2],
     }
     if eager_tokens is not None:
@@ -216,6 +226,7 @@ def measure_eager(spec: InferSpec, variant: Variant, tokenizer, device: torch.de
     """Size on disk and in memory, eager prefill/decode speed of one variant."""
     from lit_qft import quantization as Q
 
+    baseline = _baseline(device)
     model = build_variant(spec, variant, len(tokenizer), device)
     row: dict[str, Any] = {
         "variant": variant.name, "recipe": recipe_name(variant.recipe) if variant.recipe else "float",
@@ -225,7 +236,7 @@ def measure_eager(spec: InferSpec, variant: Variant, tokenizer, device: torch.de
         "quantized_modules": len(Q.quantized_modules(model)),
     }
     for batch in variant.batches or spec.batches:
-        res = _measure(model, model, spec, batch, device, lambda b: None)
+        res = _measure(model, model, spec, batch, device, lambda b: None, baseline=baseline)
         row["_tokens_b%d" % batch] = res.pop("tokens")
         row[f"eager_b{batch}"] = res
     return row
@@ -235,6 +246,7 @@ def measure_compiled(spec: InferSpec, variant: Variant, row: dict[str, Any], tok
     """Compiled prefill/decode speed (static cache, fullgraph); adds ``compiled_b<batch>`` entries to ``row``."""
     from transformers import StaticCache
 
+    baseline = _baseline(device)
     model = build_variant(spec, variant, len(tokenizer), device)
     torch._dynamo.reset()  # a fresh recompile budget per model: no silent fallback to eager
     from torch._dynamo.utils import counters
@@ -245,7 +257,8 @@ def measure_compiled(spec: InferSpec, variant: Variant, row: dict[str, Any], tok
     for batch in spec.compile_batches:
         try:
             res = _measure(compiled, model, spec, batch, device,
-                           lambda b: StaticCache(config=model.config, max_cache_len=max_len), row.get(f"_tokens_b{batch}"))
+                           lambda b: StaticCache(config=model.config, max_cache_len=max_len), row.get(f"_tokens_b{batch}"),
+                           baseline=baseline)
             res.pop("tokens")
         except Exception as e:  # compile errors are results too (tensor subclasses under dynamo)
             res = {"batch": batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}

@@ -6,6 +6,8 @@ reading the clock, so the same code gives honest numbers on CPU and CUDA.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
 import importlib.metadata
@@ -72,13 +74,48 @@ def release(device=None) -> None:
 
 
 def reset_peak(device) -> None:
+    """Start a peak-memory window: the CUDA allocator's, or on CPU this process's peak RSS (``VmHWM``).
+
+    On CPU freed heap is first returned to the OS (``malloc_trim``: the tuned allocator keeps it
+    otherwise), then ``VmHWM`` is reset to the current RSS (``/proc/self/clear_refs``), so the
+    window's peak is what lives now plus what the measured work adds.
+    """
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def current_rss() -> int | None:
+    """This process's resident memory now (``VmRSS``), or None without /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def allocator_peak(device) -> int | None:
     """Peak bytes held by the CUDA caching allocator since the last reset (None on CPU)."""
     return int(torch.cuda.max_memory_allocated()) if torch.device(device).type == "cuda" else None
+
+
+def peak_above(device, baseline: int | None) -> int | None:
+    """Peak memory since :func:`reset_peak` above ``baseline``: CUDA allocator peak, or on CPU peak RSS
+    minus ``baseline`` (the process's RSS before the model was built: the Python/torch runtime)."""
+    if torch.device(device).type == "cuda":
+        return allocator_peak(device)
+    peak = peak_rss_self()
+    return peak - baseline if peak is not None and baseline is not None else None
 
 
 # ------------------------------------------------------------------ machine

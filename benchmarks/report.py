@@ -278,12 +278,14 @@ def markdown(res: dict, plots: list[str]) -> str:
     if res.get("inference"):
         spec = s.get("inference", {})
         L += [f"## Inference ({spec.get('config_overrides') or 'GPT-2 small'}, prompt {spec.get('prompt_len')}, "
-              f"{spec.get('new_tokens')} new tokens, greedy; tokens/s)", ""]
+              f"{spec.get('new_tokens')} new tokens, greedy; tokens/s)", "",
+              "peak MiB: weights + KV cache + activations at their peak while generating (CUDA: allocator peak; "
+              "CPU: peak RSS above the process's RSS before the model was built).", ""]
         f32 = inference_float(res, "fp32")
         batches = spec.get("batches", [1])
         header = ["variant", "weights MiB", "% of fp32", "disk MiB"]
         for b in batches:
-            header += [f"eager prefill b{b}", f"eager decode b{b}"]
+            header += [f"eager prefill b{b}", f"eager decode b{b}", f"peak MiB b{b}"]
         for b in spec.get("compile_batches", []):
             header += [f"compiled prefill b{b}", f"compiled decode b{b}", "graphs"]
         header += ["decode b1 vs fp32 (same mode)"]
@@ -296,7 +298,8 @@ def markdown(res: dict, plots: list[str]) -> str:
                    _f(100 * r["memory_bytes"] / f32["memory_bytes"], ".0f") + " %" if f32 else "—", _mib(r["disk_bytes"])]
             for b in batches:
                 e = r.get(f"eager_b{b}", {})
-                row += [_f(e.get("prefill_tokens_per_second"), ".0f"), _f(e.get("decode_tokens_per_second"), ".1f")]
+                row += [_f(e.get("prefill_tokens_per_second"), ".0f"), _f(e.get("decode_tokens_per_second"), ".1f"),
+                        _mib(e.get("peak_memory_bytes"))]
             for b in spec.get("compile_batches", []):
                 c = r.get(f"compiled_b{b}")
                 if not c:

@@ -57,6 +57,22 @@ def test_greedy_loop_matches_generate_and_quantized_variant_is_smaller(tiny_gpt2
     assert Q.model_size_bytes(q) < Q.model_size_bytes(fp32)
 
 
+def test_cpu_peak_memory_window_sees_what_the_work_allocates():
+    cpu = torch.device("cpu")
+    measure.release(cpu)
+    measure.reset_peak(cpu)
+    baseline = measure.current_rss()
+    big = torch.ones(200 * 2**20 // 4)  # 200 MiB, touched
+    del big
+    peak = measure.peak_above(cpu, baseline)
+    assert 190 * 2**20 < peak < 300 * 2**20
+    measure.reset_peak(cpu)  # a new window: the freed 200 MiB is returned and no longer counts
+    baseline = measure.current_rss()
+    small = torch.ones(20 * 2**20 // 4)
+    assert 15 * 2**20 < measure.peak_above(cpu, baseline) < 60 * 2**20
+    del small
+
+
 def test_in_process_fits_are_freed_before_the_next_one(text_file):
     """A fitted module and its Trainer reference each other: ``release`` must free them (GPT-2 small
     leaked ~2 GB per in-process fit until the benchmark was killed for memory)."""
@@ -256,6 +272,8 @@ def test_quick_mode_end_to_end(tmp_path):
         assert all(0 <= r[m] <= 100 for r in t["rows"] for m in t["metrics"])
     assert all(r["tokens_per_second"] > 0 for r in res["train"] + res["framework"])
     assert all(r["peak_rss_bytes"] > 100 * 2**20 for r in res["framework"] + res["memory"])
+    eager = [r[k] for r in res["inference"] if "error" not in r for k in r if k.startswith("eager_b")]
+    assert eager and all(e["peak_memory_bytes"] > 0 for e in eager)  # weights + cache + activations
     compiled = [r["compiled_b1"] for r in res["inference"] if "compiled_b1" in r]
     assert compiled and all(c["dynamo"]["unique_graphs"] >= 2 and "error" not in c for c in compiled)
     md = path.with_suffix(".md").read_text()
