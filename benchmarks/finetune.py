@@ -38,13 +38,22 @@ def _losses(export: dict[str, Any]) -> tuple[float | None, float | None, float |
 
 
 def finetune_benchmark(spec: TrainSpec, device: torch.device, precision: str, val_batches: int,
-                       rank: int = 8, log=print, progress=None) -> dict[str, Any]:
+                       rank: int = 8, log=print, progress=None, only: list[str] | None = None,
+                       earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit every fine-tuning variant in its own process; memory, speed and before/trained/final accuracy.
 
-    ``progress(out)`` is called after every variant with the results so far (the runner saves them).
+    ``only`` names the variants to (re)run; the other rows are kept from ``earlier`` (the section of
+    the result file being resumed), in suite order. ``progress(out)`` is called after every variant
+    with the results so far (the runner saves them).
     """
-    progress = progress or (lambda out: None)
     from lit_qft.lora import fine_tuning_variants
+
+    progress = progress or (lambda out: None)
+    variants = fine_tuning_variants(rank=rank)
+    unknown = sorted(set(only or []) - set(variants))
+    if unknown:
+        raise ValueError(f"--finetune-variants: unknown {unknown}; choose from {','.join(variants)}")
+    kept = {r["variant"]: r for r in (earlier or {}).get("rows", []) if only and r.get("variant") not in only}
 
     out: dict[str, Any] = {"model": spec.pretrained or f"{spec.architecture} {spec.config_overrides}",
                            "steps": spec.warmup_steps + spec.steps, "tokens_per_step": spec.tokens_per_step,
@@ -59,7 +68,10 @@ def finetune_benchmark(spec: TrainSpec, device: torch.device, precision: str, va
         out["pretrained_loss"] = _evaluate(base, _datamodule(spec).val_dataloader(), device, val_batches)
         out["pretrained_ppl"] = _ppl(out["pretrained_loss"])
         del base
-    for name, v in fine_tuning_variants(rank=rank).items():
+    for name, v in variants.items():
+        if name in kept:  # not rerun: the earlier measurement stays
+            out["rows"].append(kept[name])
+            continue
         res = cli_fit(dataclasses.replace(spec, lr=v["lr"]), device, precision, recipe=v["quantization"],
                       lora=v["lora"], export_val_batches=val_batches, timeout=3600)
         row: dict[str, Any] = {"variant": name, "recipe": type(v["quantization"]).__name__, "lora": v["lora"] is not None,
@@ -80,6 +92,7 @@ def finetune_benchmark(spec: TrainSpec, device: torch.device, precision: str, va
             "before_loss": before, "trained_loss": trained, "final_loss": final,
             "before_ppl": _ppl(before), "trained_ppl": _ppl(trained), "final_ppl": _ppl(final),
             "final_bytes": export.get("merged_bytes", export.get("quantized_bytes")),
+            "merged_through_float_layers": export.get("merged_through_float_layers"),
             "adapter_bytes": export.get("adapter_disk_bytes"), "export": export,
         })
         out["rows"].append(row)

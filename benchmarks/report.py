@@ -208,7 +208,8 @@ def markdown(res: dict, plots: list[str]) -> str:
               f"{ft.get('val_tokens')} validation tokens; fresh `lit-qft fit` process each)", ""]
         L += ["before: the starting model (pretrained float for full fine-tuning, the quantized base for LoRA); "
               "trained: as trained (float / fake-quantized / base + adapters); final: the deployable quantized model "
-              "(int8 PTQ of the float fine-tune / QAT converted / adapters merged into the base and re-quantized).", ""]
+              "(int8 PTQ of the float fine-tune / QAT converted / adapters merged and re-quantized: into the "
+              "reloaded pretrained float weights for a PTQ base, marked *, else into the base's own weights).", ""]
         full = next((r for r in ft.get("rows", []) if r.get("variant") == "full-ft" and "error" not in r), None)
         rows = []
         for r in ft.get("rows", []):
@@ -219,7 +220,8 @@ def markdown(res: dict, plots: list[str]) -> str:
             rows.append([r["variant"], r["recipe"], f"{r['trainable_params']:,}" if r.get("trainable_params") else "—",
                          _mib(r.get("peak_rss_bytes")), _mib(r.get("allocator_peak_bytes")),
                          _f(r.get("tokens_per_second"), ".0f"), _x(speed),
-                         _f(r.get("before_ppl"), ".3f"), _f(r.get("trained_ppl"), ".3f"), _f(r.get("final_ppl"), ".3f"),
+                         _f(r.get("before_ppl"), ".3f"), _f(r.get("trained_ppl"), ".3f"),
+                         _f(r.get("final_ppl"), ".3f") + (" *" if r.get("merged_through_float_layers") else ""),
                          _mib(r.get("final_bytes")), _mib(r.get("adapter_bytes"))])
         L += _table(["variant", "recipe", "trainable params", "peak RSS MiB", "GPU peak MiB", "tokens/s", "speed vs full-ft",
                      "before ppl", "trained ppl", "final ppl", "final weights MiB", "adapters on disk MiB"], rows)

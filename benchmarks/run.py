@@ -215,6 +215,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for throughput ratios")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default=str(measure.REPO / "benchmarks" / "results"), help="folder for results")
+    p.add_argument("--finetune-variants", default=None,
+                   help="comma-separated fine-tuning variants to (re)run (default: all); with --resume the "
+                        "other variants' rows are kept")
     p.add_argument("--resume", default=None, metavar="JSON",
                    help="add the chosen --sections to an earlier result file (same settings mode) instead of a new one")
     a = p.parse_args(argv)
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> Path:
     from benchmarks import accuracy, finetune, inference, tasks, training
     from lit_qft import quantization as Q
 
+    earlier_finetune = json.loads(json.dumps(results.get("finetune"))) if results.get("finetune") else None
     jobs = {  # each takes ``progress``: the section's results so far, saved as they grow
         "train": lambda progress: training.recipe_throughput(s["train"], recipes, device, s["train_precisions"],
                                                              s["train_rounds"], log=log),
@@ -286,8 +290,9 @@ def main(argv: list[str] | None = None) -> Path:
                                                                     s["compile_top"], log=log, progress=progress),
         "accuracy": lambda progress: accuracy.accuracy_benchmark(s["accuracy"], recipes, device, s["accuracy_precision"],
                                                                  s["val_batches"], log=log, progress=progress),
-        "finetune": lambda progress: finetune.finetune_benchmark(s["finetune"], device, s["accuracy_precision"],
-                                                                 s["finetune_val_batches"], log=log, progress=progress),
+        "finetune": lambda progress: finetune.finetune_benchmark(
+            s["finetune"], device, s["accuracy_precision"], s["finetune_val_batches"], log=log, progress=progress,
+            only=a.finetune_variants.split(",") if a.finetune_variants else None, earlier=earlier_finetune),
         "tasks": lambda progress: tasks.task_benchmark(s["tasks"], Q.QAT8da4w(group_size=32), [Q.PTQInt8WeightOnly()],
                                                        device, s["accuracy_precision"], log=log, progress=progress),
     }

@@ -242,6 +242,32 @@ def test_auto_compile_picks_the_fastest_distinct_quantized_targets():
     assert compile_selection(rows, vl, "none", 2) == [] and len(compile_selection(rows, vl, "all", 2)) == len(vl)
 
 
+def test_finetune_reruns_only_the_named_variants_and_keeps_the_others(monkeypatch):
+    from benchmarks import finetune
+    from benchmarks.training import TrainSpec
+
+    calls = []
+
+    def fake_fit(spec, device, precision, recipe=None, lora=None, **kw):
+        calls.append((type(recipe).__name__, lora is not None))
+        return {"trainable_params": 10, "peak_rss_bytes": 2**30, "tokens_per_second": 50.0,
+                "export": {"adapter_loss": 3.0, "base_loss": 4.0, "merged_loss": 3.1, "merged_through_float_layers": 8}}
+
+    monkeypatch.setattr(finetune, "cli_fit", fake_fit)
+    names = ["full-ft", "full-qat", "int8-lora", "nf4-lora", "qat-lora"]
+    earlier = {"rows": [{"variant": n, "old": True} for n in names]}
+    spec = TrainSpec(config_overrides=TINY)
+    out = finetune.finetune_benchmark(spec, torch.device("cpu"), "32-true", 2, log=lambda m: None,
+                                      only=["int8-lora"], earlier=earlier)
+    assert calls == [("PTQInt8WeightOnly", True)]  # one fresh fit, for the named variant
+    assert [r["variant"] for r in out["rows"]] == names  # suite order
+    assert [r.get("old", False) for r in out["rows"]] == [True, True, False, True, True]
+    new = out["rows"][2]
+    assert new["final_loss"] == 3.1 and new["merged_through_float_layers"] == 8
+    with pytest.raises(ValueError, match="--finetune-variants: unknown \\['int9-lora'\\]"):
+        finetune.finetune_benchmark(spec, torch.device("cpu"), "32-true", 2, only=["int9-lora"])
+
+
 @pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path):
     """``python benchmarks/run.py --quick``: every section runs, nothing errors, the report and plots are written."""
