@@ -93,15 +93,20 @@ def reset_peak(device) -> None:
         pass
 
 
-def current_rss() -> int | None:
-    """This process's resident memory now (``VmRSS``), or None without /proc."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None without /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def current_rss() -> int | None:
+    """This process's resident memory now (``VmRSS``), or None without /proc."""
+    return _proc_status_bytes("VmRSS")
 
 
 def allocator_peak(device) -> int | None:
@@ -206,12 +211,9 @@ def native_bf16(device: torch.device, rates: dict[str, float]) -> bool:
 def peak_rss_self() -> int | None:
     """This process's own peak resident memory (``VmHWM``), which, unlike ``ru_maxrss``, does not
     inherit the parent's size through fork/exec; ``ru_maxrss`` where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     scale = 1 if sys.platform == "darwin" else 1024
