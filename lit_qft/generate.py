@@ -125,9 +125,9 @@ def generate(
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature > 0 else {"do_sample": False}
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    start = time.perf_counter()
     if getattr(model, "_lit_qft_compiled", False):  # fixed shapes per step: no recompiles while decoding
         sampling["cache_implementation"] = "static"
+    start = time.perf_counter()
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad,
         top_p=None, **sampling,
